@@ -1,0 +1,541 @@
+"""
+A hand-written decoder-only transformer that loads Hugging Face checkpoints.
+
+Two families share one code path:
+  - GPT-2: LayerNorm, learned position embeddings, GELU MLP, biases everywhere.
+  - Llama and its relatives (Llama 2/3/3.2, SmolLM2, Mistral, Qwen2): RMSNorm,
+    rotary position embeddings (RoPE), SwiGLU MLP, grouped-query attention.
+    Qwen2 adds a bias to q/k/v; Mistral may use a sliding attention window.
+
+The one thing this model has that a plain transformer lacks is native
+residual-stream steering (VSPO's sampling-time intervention): `Steer` adds
+`coeff[b] * vector` to the residual stream at the output of one block, with one
+coefficient per batch row, so a single batch can hold rollouts at different
+steering intensities.
+
+Checkpoint I/O is strict on purpose: every tensor in the files must be used,
+every parameter filled, every shape right. A silently half-loaded model looks
+fine and produces subtly wrong text; a loud error costs a minute.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message is one line that names the file."""
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    model_type: str  # one of SUPPORTED_MODEL_TYPES
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int  # < n_head means grouped-query attention
+    n_embd: int
+    head_dim: int
+    intermediate_size: int
+    max_seq_len: int
+    norm_eps: float
+    tie_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # only llama3-style scaling is implemented
+    sliding_window: int | None = None  # Mistral: a query sees at most this many keys (itself included)
+    hf: dict = field(default_factory=dict, repr=False)  # the config.json it came from, written back on save
+
+    @property
+    def is_gpt2(self):
+        return self.model_type == "gpt2"
+
+    @classmethod
+    def from_hf(cls, hf, source="config.json"):
+        """Build a Config from a parsed config.json (transformers 4.x or 5.x style)."""
+        mt = hf.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(f"{source}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        try:
+            if mt == "gpt2":
+                act = hf.get("activation_function", "gelu_new")
+                if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                    raise CheckpointError(f"{source}: GPT-2 activation {act!r} is not supported (only gelu_new)")
+                if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+                    raise CheckpointError(f"{source}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported")
+                n_embd, n_head = hf["n_embd"], hf["n_head"]
+                return cls(
+                    model_type=mt, vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=n_head, n_kv_head=n_head,
+                    n_embd=n_embd, head_dim=n_embd // n_head, intermediate_size=hf.get("n_inner") or 4 * n_embd,
+                    max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                    tie_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True, hf=hf,
+                )
+            if hf.get("hidden_act", "silu") != "silu":
+                raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+            # transformers 5 folds rope_theta and rope_scaling into one `rope_parameters` dict
+            rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+            theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in ("default", "llama3"):
+                raise CheckpointError(f"{source}: rope scaling {rope_type!r} is not supported (only default and llama3)")
+            if mt == "qwen2" and hf.get("use_sliding_window"):
+                raise CheckpointError(f"{source}: Qwen2 with use_sliding_window is not supported")
+            n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+            attention_bias = bool(hf.get("attention_bias", False))
+            return cls(
+                model_type=mt, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+                n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+                head_dim=hf.get("head_dim") or n_embd // n_head, intermediate_size=hf["intermediate_size"],
+                max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", mt != "mistral")),
+                # Llama's attention_bias covers q, k, v and o; Qwen2 always has q/k/v bias and no o bias
+                qkv_bias=attention_bias or mt == "qwen2", o_bias=attention_bias and mt != "qwen2",
+                mlp_bias=bool(hf.get("mlp_bias", False)), rope_theta=float(theta),
+                rope_scaling=rope if rope_type == "llama3" else None,
+                sliding_window=hf.get("sliding_window") if mt == "mistral" else None, hf=hf,
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{source}: missing field {e.args[0]!r} for model_type {mt!r}") from None
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 and cast back before the gain, as the reference Llama does,
+        # so that bf16 runs round the same way as transformers
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(config):
+    """Inverse frequencies theta_i = base^(-2i/d) of RoPE (Su et al. 2021), with Llama 3.1's scaling if configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x, cos, sin):
+    # HF's "rotate half" layout: dimension i pairs with i + d/2 (not the interleaved pairs of Meta's code),
+    # which is how HF checkpoints store q/k weights, so no permutation is needed on load
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.wq = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.o_bias)
+
+    def forward(self, x, rope, mask, kv_cache):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            cos, sin = rope  # (B, 1, T, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
+        # keys and values stay unrepeated (Hkv heads); SDPA shares each across its group of query heads
+        gqa = self.n_kv_head != self.n_head
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gpt2 = config.is_gpt2
+        C, H, bias = config.n_embd, config.intermediate_size, config.mlp_bias
+        if self.gpt2:
+            self.w_fc = nn.Linear(C, H, bias=bias)
+        else:  # SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))
+            self.w_gate = nn.Linear(C, H, bias=bias)
+            self.w_up = nn.Linear(C, H, bias=bias)
+        self.w_down = nn.Linear(H, C, bias=bias)
+
+    def forward(self, x):
+        if self.gpt2:
+            return self.w_down(F.gelu(self.w_fc(x), approximate="tanh"))
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        norm = (lambda: nn.LayerNorm(config.n_embd, eps=config.norm_eps)) if config.is_gpt2 else (lambda: RMSNorm(config.n_embd, config.norm_eps))
+        self.attn_norm, self.mlp_norm = norm(), norm()
+        self.attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, kv_cache):
+        x = x + self.attn(self.attn_norm(x), rope, mask, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# -----------------------------------------------------------------------------
+# Steering and the KV cache: the two hooks the sampler (rollout.py) needs
+
+
+@dataclass
+class Steer:
+    """Add coeff[b] * vector to the residual stream at the output of block `layer`.
+
+    `layer` is 0-based: steering at layer l is TransformerLens's `blocks.l.hook_resid_post`,
+    i.e. transformers' `hidden_states[l + 1]`. `mask` (B, T) selects the positions of this
+    forward call that are steered (all of them when None): with a KV cache, a prefill with
+    mask 0 and decode steps with mask 1 steer only the generated tokens.
+    """
+    vector: torch.Tensor  # (C,)
+    layer: int
+    coeff: torch.Tensor  # (B,) one steering intensity per batch row
+    mask: torch.Tensor | None = None  # (B, T)
+
+    def delta(self, x):
+        scale = self.coeff.to(x.dtype).view(-1, 1, 1)  # (B, 1, 1)
+        if self.mask is not None:
+            scale = scale * self.mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+        return scale * self.vector.to(x.dtype)  # (B, T, C); exactly 0 where coeff is 0
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: (n_layer, B, Hkv, max_len, D), unrepeated for GQA.
+
+    `pos` is the number of filled slots. A forward pass writes its T new keys at slots
+    [pos, pos + T) of every layer, attends to slots [0, pos + T), and then advances pos.
+    """
+
+    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def max_len(self):
+        return self.k.size(3)
+
+    def update(self, layer, k, v):
+        T = k.size(2)
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache is full: {self.pos} + {T} tokens > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.source = None  # the folder it was loaded from; save_pretrained copies its tokenizer files
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.is_gpt2:
+            self.pos_emb = nn.Embedding(config.max_seq_len, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps) if config.is_gpt2 else RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if not config.is_gpt2:
+            self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+
+    def _rope(self, positions, dtype):
+        # computed in fp32 from absolute positions, so left-padded rows and cached decoding rotate correctly
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _attention_mask(self, B, T, S, padding_mask, device):
+        """Boolean (B, 1, T, S) mask, True = may attend; None when plain causal attention suffices.
+
+        Slots are columns of the (left-padded) batch: the T queries sit at slots S-T .. S-1.
+        """
+        window = self.config.sliding_window
+        if padding_mask is None and (window is None or window >= S) and (T == 1 or T == S):
+            return None  # SDPA's is_causal (or no mask at all for one query) is exact and faster
+        q_slot = torch.arange(S - T, S, device=device).view(T, 1)
+        k_slot = torch.arange(S, device=device).view(1, S)
+        mask = k_slot <= q_slot
+        if window is not None:
+            mask = mask & (q_slot - k_slot < window)
+        mask = mask.view(1, 1, T, S)
+        if padding_mask is not None:
+            # a padded query would see no key at all and SDPA would return NaN: let every query see itself
+            mask = (mask & padding_mask.view(B, 1, 1, S).bool()) | (k_slot == q_slot).view(1, 1, T, S)
+        return mask
+
+    def hidden(self, tokens, positions=None, padding_mask=None, kv_cache=None, steer=None, read_layers=()):
+        """The final (normalised) hidden states (B, T, C), and the residual stream at `read_layers`.
+
+        tokens: (B, T) int64. positions: (B, T) absolute positions, default 0..T-1 after any cached
+        tokens; left-padded rows pass their own (padding positions are arbitrary). padding_mask:
+        (B, S) with 1 for real tokens over all S = cached + T slots. steer: a `Steer`, applied at
+        the output of block steer.layer. Returns (h, {layer: (B, T, C) residual after that block}).
+        """
+        B, T = tokens.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + T, device=tokens.device).expand(B, T)
+        if padding_mask is not None and padding_mask.shape != (B, past + T):
+            raise ValueError(f"padding_mask must be (B, cached + T) = {(B, past + T)}, got {tuple(padding_mask.shape)}")
+        x = self.tok_emb(tokens)  # (B, T, C)
+        rope = None
+        if self.config.is_gpt2:
+            if int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(f"sequence too long: position {int(positions.max())} >= GPT-2's {self.config.max_seq_len} positions")
+            x = x + self.pos_emb(positions)
+        else:
+            rope = self._rope(positions, x.dtype)
+        mask = self._attention_mask(B, T, past + T, padding_mask, tokens.device)
+        reads = {}
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, mask, kv_cache)
+            if steer is not None and steer.layer == i:
+                x = x + steer.delta(x)
+            if i in read_layers:
+                reads[i] = x
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.norm(x), reads
+
+    def forward(self, tokens, positions=None, padding_mask=None, kv_cache=None, steer=None):
+        """(B, T) token ids -> (B, T, vocab) logits. See `hidden` for the arguments."""
+        h, _ = self.hidden(tokens, positions, padding_mask, kv_cache, steer)
+        return self.lm_head(h)
+
+    # -------------------------------------------------------------------------
+    # Checkpoint I/O
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        """Load a Hugging Face checkpoint folder (config.json + model.safetensors or index + shards)."""
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path}: not a folder; pass a checkpoint folder with config.json and *.safetensors")
+        if not os.path.isfile(config_path):
+            raise CheckpointError(f"{config_path}: missing; a checkpoint folder needs config.json and *.safetensors")
+        try:
+            with open(config_path) as f:
+                hf = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+        config = Config.from_hf(hf, config_path)
+        with torch.device("meta"):  # no memory is spent on random weights that are overwritten at once
+            model = cls(config)
+        state = _check_and_convert(model, _read_safetensors(path), path)
+        state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
+        if config.tie_embeddings:
+            state["lm_head.weight"] = state["tok_emb.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight  # one Parameter, so it gets one gradient
+        if not config.is_gpt2:
+            model.inv_freq = rope_frequencies(config).to(device)
+        model.source = path
+        return model.eval()
+
+    def save_pretrained(self, out_dir):
+        """Write config.json + model.safetensors in the HF layout (and copy the tokenizer files along)."""
+        os.makedirs(out_dir, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state(self.config, self.state_dict()).items()}
+        hf = dict(self.config.hf)
+        hf["dtype" if "dtype" in hf else "torch_dtype"] = str(self.tok_emb.weight.dtype).removeprefix("torch.")
+        tmp = os.path.join(out_dir, "model.safetensors.tmp")
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # never leave a half-written checkpoint
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        if self.source and os.path.abspath(self.source) != os.path.abspath(out_dir):
+            for name in TOKENIZER_FILES:
+                src = os.path.join(self.source, name)
+                if os.path.isfile(src):
+                    with open(src, "rb") as fi, open(os.path.join(out_dir, name), "wb") as fo:
+                        fo.write(fi.read())
+
+
+# -----------------------------------------------------------------------------
+# HF <-> internal names. One pair of functions; the strict checks are derived from them.
+
+
+def _hf_layer_names(config, i):
+    """(internal name, HF name) pairs of block i's 1:1 tensors."""
+    if config.is_gpt2:
+        p = f"transformer.h.{i}."
+        return [(f"layers.{i}.attn_norm.{w}", f"{p}ln_1.{w}") for w in ("weight", "bias")] + \
+               [(f"layers.{i}.mlp_norm.{w}", f"{p}ln_2.{w}") for w in ("weight", "bias")]
+    p = f"model.layers.{i}."
+    names = [(f"layers.{i}.attn_norm.weight", f"{p}input_layernorm.weight"),
+             (f"layers.{i}.mlp_norm.weight", f"{p}post_attention_layernorm.weight")]
+    for ours, theirs in (("attn.wq", "self_attn.q_proj"), ("attn.wk", "self_attn.k_proj"), ("attn.wv", "self_attn.v_proj"),
+                         ("attn.wo", "self_attn.o_proj"), ("mlp.w_gate", "mlp.gate_proj"), ("mlp.w_up", "mlp.up_proj"),
+                         ("mlp.w_down", "mlp.down_proj")):
+        names.append((f"layers.{i}.{ours}.weight", f"{p}{theirs}.weight"))
+        names.append((f"layers.{i}.{ours}.bias", f"{p}{theirs}.bias"))
+    return names
+
+
+def _top_names(config):
+    if config.is_gpt2:
+        return [("tok_emb.weight", "transformer.wte.weight"), ("pos_emb.weight", "transformer.wpe.weight"),
+                ("norm.weight", "transformer.ln_f.weight"), ("norm.bias", "transformer.ln_f.bias")]
+    names = [("tok_emb.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
+    if not config.tie_embeddings:
+        names.append(("lm_head.weight", "lm_head.weight"))
+    return names
+
+
+def to_hf_state(config, state):
+    """Our state dict -> HF tensor names and layouts (GPT-2's fused, transposed Conv1D weights)."""
+    out = {}
+    for i in range(config.n_layer):
+        for ours, theirs in _hf_layer_names(config, i):
+            if ours in state:
+                out[theirs] = state[ours]
+        if config.is_gpt2:
+            p, q = f"transformer.h.{i}.", f"layers.{i}."
+            # GPT-2's Conv1D computes x @ W + b with W stored (in, out): the transpose of nn.Linear
+            out[p + "attn.c_attn.weight"] = torch.cat([state[q + f"attn.{w}.weight"].t() for w in ("wq", "wk", "wv")], dim=1)
+            out[p + "attn.c_attn.bias"] = torch.cat([state[q + f"attn.{w}.bias"] for w in ("wq", "wk", "wv")])
+            for ours, theirs in (("attn.wo", "attn.c_proj"), ("mlp.w_fc", "mlp.c_fc"), ("mlp.w_down", "mlp.c_proj")):
+                out[p + theirs + ".weight"] = state[q + ours + ".weight"].t()
+                out[p + theirs + ".bias"] = state[q + ours + ".bias"]
+    for ours, theirs in _top_names(config):
+        out[theirs] = state[ours]
+    return out
+
+
+def from_hf_state(config, hf_state):
+    """Inverse of to_hf_state."""
+    out = {}
+    for i in range(config.n_layer):
+        for ours, theirs in _hf_layer_names(config, i):
+            if theirs in hf_state:
+                out[ours] = hf_state[theirs]
+        if config.is_gpt2:
+            p, q = f"transformer.h.{i}.", f"layers.{i}."
+            for w, wb, bb in zip(("wq", "wk", "wv"), hf_state[p + "attn.c_attn.weight"].chunk(3, dim=1), hf_state[p + "attn.c_attn.bias"].chunk(3)):
+                out[q + f"attn.{w}.weight"], out[q + f"attn.{w}.bias"] = wb.t(), bb
+            for ours, theirs in (("attn.wo", "attn.c_proj"), ("mlp.w_fc", "mlp.c_fc"), ("mlp.w_down", "mlp.c_proj")):
+                out[q + ours + ".weight"] = hf_state[p + theirs + ".weight"].t()
+                out[q + ours + ".bias"] = hf_state[p + theirs + ".bias"]
+    for ours, theirs in _top_names(config):
+        out[ours] = hf_state[theirs]
+    return out
+
+
+def _is_ignorable(config, key):
+    # non-persistent buffers that some exporters write anyway
+    if config.is_gpt2:
+        return key.endswith(".attn.bias") or key.endswith(".attn.masked_bias")
+    return key.endswith(".rotary_emb.inv_freq")
+
+
+def _read_safetensors(path):
+    """{name: (tensor, file)} from model.safetensors or the shards named by model.safetensors.index.json."""
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid shard index ({e!r})") from None
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".gguf"))]
+        hint = f" (found {other[0]}: only safetensors are loaded, never pickles; convert it first)" if other else ""
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+    tensors = {}
+    for name in files:
+        fp = os.path.join(path, name)
+        if not os.path.isfile(fp):
+            raise CheckpointError(f"{fp}: shard listed in model.safetensors.index.json is missing")
+        try:
+            with safe_open(fp, framework="pt") as f:
+                for key in f.keys():
+                    if key in tensors:
+                        raise CheckpointError(f"{fp}: tensor {key} also appears in {tensors[key][1]}")
+                    tensors[key] = (f.get_tensor(key), name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error type for a corrupt header or truncated data
+            raise CheckpointError(f"{fp}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if weight_map is not None:
+        for key, name in weight_map.items():
+            if key not in tensors or tensors[key][1] != name:
+                raise CheckpointError(f"{os.path.join(path, name)}: tensor {key} listed in the index is not in that shard")
+    return tensors
+
+
+def _check_and_convert(model, found, path):
+    """Check the checkpoint's names and shapes against what this config needs; return our state dict."""
+    config = model.config
+    if config.is_gpt2:  # GPT2Model files have no "transformer." prefix, GPT2LMHeadModel files do
+        found = {(k if k.startswith("transformer.") or k == "lm_head.weight" else "transformer." + k): v for k, v in found.items()}
+    expected = to_hf_state(config, model.state_dict())  # meta tensors: names and shapes only
+    where = lambda key: os.path.join(path, found[key][1])
+    for key, want in expected.items():
+        if key not in found:
+            raise CheckpointError(f"{path}: missing tensor {key} (needed by this {config.model_type} config)")
+        if tuple(found[key][0].shape) != tuple(want.shape):
+            raise CheckpointError(f"{where(key)}: tensor {key} has shape {tuple(found[key][0].shape)}, config.json implies {tuple(want.shape)}")
+    for key in found:
+        if key in expected or _is_ignorable(config, key):
+            continue
+        if key == "lm_head.weight" and config.tie_embeddings:
+            emb = "transformer.wte.weight" if config.is_gpt2 else "model.embed_tokens.weight"
+            if torch.equal(found[key][0], found[emb][0]):
+                continue  # a tied copy written out explicitly
+            raise CheckpointError(f"{where(key)}: lm_head.weight differs from {emb} but config.json says the embeddings are tied")
+        raise CheckpointError(f"{where(key)}: unexpected tensor {key} (not used by this {config.model_type} config)")
+    return from_hf_state(config, {k: v for k, (v, _) in found.items() if k in expected})

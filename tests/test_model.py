@@ -1,0 +1,277 @@
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import VOCAB, write_hf_checkpoint
+from model import CheckpointError, KVCache, Steer, Transformer
+
+KINDS = ("gpt2", "llama", "qwen2", "mistral")
+
+
+def tokens(B=2, T=20, seed=0):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# -----------------------------------------------------------------------------
+# parity with transformers
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers(tiny_checkpoints, kind):
+    path, ref = tiny_checkpoints[kind]
+    model = Transformer.from_pretrained(path)
+    x = tokens()
+    with torch.no_grad():
+        diff = (model(x) - ref(x).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_smollm2_greedy_next_tokens_match_transformers(smollm2):
+    import transformers
+
+    from tokenizer import Tokenizer
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    model = Transformer.from_pretrained(smollm2)
+    tok = Tokenizer.from_pretrained(smollm2)
+    for q in ("What is 17 + 25?", "Name three colours.", "Write a haiku about the sea."):
+        x = torch.tensor([tok.chat([{"role": "user", "content": q}])])
+        with torch.no_grad():
+            ours, theirs = model(x), ref(x).logits
+        assert torch.equal(ours.argmax(-1), theirs.argmax(-1))  # the greedy next token at every position
+        assert (ours - theirs).abs().max().item() <= 1e-3
+
+
+def test_sharded_checkpoint_loads_like_single_file(tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    write_hf_checkpoint("llama", single)
+    write_hf_checkpoint("llama", sharded, max_shard_size="60KB")
+    assert os.path.isfile(sharded / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(sharded) if f.endswith(".safetensors")]) > 1
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(Transformer.from_pretrained(str(single))(x), Transformer.from_pretrained(str(sharded))(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_pretrained_loads_in_transformers(tiny_checkpoints, tmp_path, kind):
+    import transformers
+
+    model = Transformer.from_pretrained(tiny_checkpoints[kind][0])
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert (model(x) - reloaded(x).logits).abs().max().item() <= 1e-4
+        assert torch.equal(model(x), Transformer.from_pretrained(str(tmp_path))(x))  # and round-trips exactly
+
+
+def test_save_pretrained_copies_tokenizer_files(smollm2, tmp_path):
+    Transformer.from_pretrained(smollm2).save_pretrained(tmp_path)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert os.path.isfile(tmp_path / name)
+
+
+def test_bf16_load(tiny_checkpoints):
+    model = Transformer.from_pretrained(tiny_checkpoints["llama"][0], dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens()).float()).all()
+
+
+# -----------------------------------------------------------------------------
+# positions, padding and the KV cache (what rollout.py builds on)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_left_padded_batch_equals_each_prompt_alone(tiny_checkpoints, kind):
+    model = Transformer.from_pretrained(tiny_checkpoints[kind][0])
+    prompts = [tokens(1, 12, seed=1)[0], tokens(1, 7, seed=2)[0]]
+    T = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), T, dtype=torch.long)
+    padding_mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    positions = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        batch[i, T - len(p):], padding_mask[i, T - len(p):] = p, True
+        positions[i, T - len(p):] = torch.arange(len(p))
+    with torch.no_grad():
+        out = model(batch, positions=positions, padding_mask=padding_mask)
+        for i, p in enumerate(prompts):
+            alone = model(p[None])
+            assert (out[i, T - len(p):] - alone[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kv_cache_decoding_equals_full_forward(tiny_checkpoints, kind):
+    model = Transformer.from_pretrained(tiny_checkpoints[kind][0])
+    x = tokens(2, 16)
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(model.config, batch_size=2, max_len=16)
+        steps = [model(x[:, :10], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache) for t in range(10, 16)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+    assert cache.pos == 16
+
+
+def test_kv_cache_overflow_is_an_error(tiny_checkpoints):
+    model = Transformer.from_pretrained(tiny_checkpoints["qwen2"][0])
+    cache = KVCache(model.config, batch_size=1, max_len=4)
+    with pytest.raises(ValueError, match="KV cache is full"):
+        model(tokens(1, 5), kv_cache=cache)
+
+
+# -----------------------------------------------------------------------------
+# steering
+
+
+def steer_vector(model, seed=3):
+    return torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_coefficient_is_bit_identical(tiny_checkpoints, kind):
+    model = Transformer.from_pretrained(tiny_checkpoints[kind][0])
+    x = tokens(3, 10)
+    with torch.no_grad():
+        plain = model(x)
+        steered = model(x, steer=Steer(steer_vector(model), layer=1, coeff=torch.zeros(3)))
+        nonzero = model(x, steer=Steer(steer_vector(model), layer=1, coeff=torch.ones(3)))
+    assert torch.equal(plain, steered)
+    assert not torch.allclose(plain, nonzero)  # the vector does act when the coefficient is not 0
+
+
+def test_per_row_coefficients_equal_rows_alone(tiny_checkpoints):
+    model = Transformer.from_pretrained(tiny_checkpoints["llama"][0])
+    v, coeff = steer_vector(model), torch.tensor([0.0, 0.5, 2.0, -1.0])
+    x = tokens(4, 10)
+    with torch.no_grad():
+        batch = model(x, steer=Steer(v, layer=2, coeff=coeff))
+        for b in range(4):
+            alone = model(x[b:b + 1], steer=Steer(v, layer=2, coeff=coeff[b:b + 1]))
+            assert (batch[b] - alone[0]).abs().max().item() <= 1e-5
+        assert torch.equal(batch[0], model(x)[0])  # the coefficient-0 row is the unsteered model, bit for bit
+
+
+def test_steering_is_added_at_the_output_of_its_block(tiny_checkpoints):
+    model = Transformer.from_pretrained(tiny_checkpoints["llama"][0])
+    v, x = steer_vector(model), tokens(1, 8)
+    with torch.no_grad():
+        _, plain = model.hidden(x, read_layers=(0, 1, 2))
+        _, steered = model.hidden(x, steer=Steer(v, layer=1, coeff=torch.tensor([2.0])), read_layers=(0, 1, 2))
+    assert torch.equal(plain[0], steered[0])  # before the steered block: untouched
+    assert torch.allclose(steered[1], plain[1] + 2.0 * v, atol=1e-6)  # exactly resid_post of block 1 plus coeff * v
+    assert not torch.allclose(plain[2], steered[2])  # and it propagates
+
+
+def test_residual_reads_match_transformers_hidden_states(tiny_checkpoints):
+    path, ref = tiny_checkpoints["qwen2"]
+    model = Transformer.from_pretrained(path)
+    x = tokens()
+    with torch.no_grad():
+        _, reads = model.hidden(x, read_layers=(0, 1))
+        hs = ref(x, output_hidden_states=True).hidden_states
+    for layer in (0, 1):  # transformers' hidden_states[l + 1] is the output of block l
+        assert (reads[layer] - hs[layer + 1]).abs().max().item() <= 1e-5
+
+
+def test_steer_mask_under_kv_cache_steers_generated_positions_only(tiny_checkpoints):
+    model = Transformer.from_pretrained(tiny_checkpoints["mistral"][0])
+    v, x = steer_vector(model), tokens(2, 12)
+    coeff = torch.tensor([1.5, 0.0])
+    mask = torch.zeros(2, 12)
+    mask[:, 8:] = 1  # prompt = first 8 tokens, unsteered
+    with torch.no_grad():
+        full = model(x, steer=Steer(v, layer=0, coeff=coeff, mask=mask))
+        cache = KVCache(model.config, batch_size=2, max_len=12)
+        out = [model(x[:, :8], kv_cache=cache, steer=Steer(v, layer=0, coeff=coeff, mask=mask[:, :8]))]
+        for t in range(8, 12):
+            out.append(model(x[:, t:t + 1], kv_cache=cache, steer=Steer(v, layer=0, coeff=coeff)))
+        assert (torch.cat(out, 1) - full).abs().max().item() <= 1e-5
+        assert torch.equal(full[:, :8], model(x)[:, :8])  # unsteered prompt positions
+
+
+# -----------------------------------------------------------------------------
+# bad checkpoints: one clear line each
+
+
+def load_error(path):
+    with pytest.raises(CheckpointError) as e:
+        Transformer.from_pretrained(str(path))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_checkpoints, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["llama"][0], dst)
+    return dst
+
+
+def rewrite_tensors(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, path / "model.safetensors")
+
+
+def test_error_not_a_folder(tmp_path):
+    assert "not a folder" in load_error(tmp_path / "nope")
+
+
+def test_error_no_config(checkpoint_copy):
+    os.remove(checkpoint_copy / "config.json")
+    assert "config.json" in load_error(checkpoint_copy)
+
+
+def test_error_unknown_model_type(checkpoint_copy):
+    cfg = json.loads((checkpoint_copy / "config.json").read_text())
+    cfg["model_type"] = "falcon"
+    (checkpoint_copy / "config.json").write_text(json.dumps(cfg))
+    msg = load_error(checkpoint_copy)
+    assert "'falcon'" in msg and "llama" in msg and "gpt2" in msg
+
+
+def test_error_missing_tensor(checkpoint_copy):
+    rewrite_tensors(checkpoint_copy, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    assert "missing tensor model.layers.1.mlp.up_proj.weight" in load_error(checkpoint_copy)
+
+
+def test_error_unexpected_tensor(checkpoint_copy):
+    rewrite_tensors(checkpoint_copy, lambda s: s.__setitem__("model.layers.9.extra.weight", torch.zeros(2)))
+    msg = load_error(checkpoint_copy)
+    assert "unexpected tensor model.layers.9.extra.weight" in msg and "model.safetensors" in msg
+
+
+def test_error_wrong_shape(checkpoint_copy):
+    rewrite_tensors(checkpoint_copy, lambda s: s.__setitem__("model.norm.weight", torch.ones(63)))
+    msg = load_error(checkpoint_copy)
+    assert "model.norm.weight" in msg and "(63,)" in msg and "(64,)" in msg
+
+
+def test_error_missing_shard(tmp_path):
+    write_hf_checkpoint("llama", tmp_path, max_shard_size="60KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    os.remove(tmp_path / shard)
+    msg = load_error(tmp_path)
+    assert shard in msg and "missing" in msg
+
+
+def test_error_corrupt_safetensors_header(checkpoint_copy):
+    data = (checkpoint_copy / "model.safetensors").read_bytes()
+    (checkpoint_copy / "model.safetensors").write_bytes(data[:8] + b"{not json" + data[17:])
+    msg = load_error(checkpoint_copy)
+    assert "model.safetensors" in msg and "not a readable safetensors file" in msg
+
+
+def test_error_pickle_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 1, "intermediate_size": 8, "vocab_size": 8}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    assert "never pickles" in load_error(tmp_path)
