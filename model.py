@@ -259,6 +259,11 @@ class KVCache:
     def max_len(self):
         return self.k.size(3)
 
+    def select(self, rows):
+        """Keep, reorder or repeat batch rows (an index tensor): copies a prefilled prompt to its
+        n samples, and drops finished rows from the active batch."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
     def update(self, layer, k, v):
         T = k.size(2)
         if self.pos + T > self.max_len:

@@ -60,3 +60,37 @@ def smollm2():
     from data.smollm2 import prepare
 
     return prepare()
+
+
+CHAT_TEXT = [
+    "Tom has 4 apples and gets 3 more. How many apples does he have? Tom has 4 + 3 = 7 apples. #### 7",
+    "Explain your answer in great detail, step by step. Answer with only the final answer, nothing else.",
+    "The quick brown fox jumps over the lazy dog; it's 12:30 and we're late. QQQ JJJ KKK XXX",
+] * 10
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """A folder with a tiny random Llama and a small ChatML byte-level BPE tokenizer of its own."""
+    import transformers
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = tmp_path_factory.mktemp("tiny_chat")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CHAT_TEXT, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # random matrices; norm gains stay 1 as in a real model, so directions survive the norms
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(path)
+    return str(path)

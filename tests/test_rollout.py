@@ -1,0 +1,139 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import Steer, Transformer
+from rollout import generate
+from tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_chat_model):
+    return Transformer.from_pretrained(tiny_chat_model), Tokenizer.from_pretrained(tiny_chat_model)
+
+
+def prompts_of(tok):
+    return [tok.chat([{"role": "user", "content": q}]) for q in ("How many apples?", "Hi", "Explain the fox, step by step, please.")]
+
+
+def vector_of(model, seed=5):
+    return torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def greedy_by_recomputation(model, prompt, steps, vector=None, layer=None, coeff=0.0, steer_prompt=True):
+    """The plain definition of greedy decoding: a full forward pass over the whole sequence for every token."""
+    seq = list(prompt)
+    for _ in range(steps):
+        steer = None
+        if vector is not None:
+            mask = torch.tensor([[1.0 if (steer_prompt or i >= len(prompt)) else 0.0 for i in range(len(seq))]])
+            steer = Steer(vector, layer, torch.tensor([coeff]), mask)
+        seq.append(int(model(torch.tensor([seq]), steer=steer)[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("steer_prompt", [True, False])
+def test_cached_greedy_equals_recomputation(tiny, steer_prompt):
+    model, tok = tiny
+    prompts, v = prompts_of(tok), vector_of(model)
+    coeffs = [0.0, 1.5, -2.0, 3.0, 0.0, 1.0]  # two samples per prompt, a different intensity each
+    r = generate(model, prompts, n=2, max_new_tokens=12, temperature=0, vector=v, layer=1, coeffs=coeffs, steer_prompt=steer_prompt)
+    for row, c in enumerate(coeffs):
+        want = greedy_by_recomputation(model, prompts[row // 2], 12, v, 1, c, steer_prompt)
+        assert r.completion(row) == want
+    unsteered = generate(model, prompts, max_new_tokens=12, temperature=0)
+    for i, p in enumerate(prompts):
+        assert unsteered.completion(i) == greedy_by_recomputation(model, p, 12)
+
+
+def test_prompt_in_mixed_batch_equals_prompt_alone(tiny):
+    model, tok = tiny
+    prompts, v = prompts_of(tok), vector_of(model)
+    batch = generate(model, prompts, max_new_tokens=10, temperature=0, vector=v, layer=2, coeffs=[0.0, 2.0, 0.0])
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], max_new_tokens=10, temperature=0, vector=v, layer=2, coeffs=[batch.coeffs[i].item()])
+        assert batch.completion(i) == alone.completion(0)
+    plain = generate(model, prompts[:1], max_new_tokens=10, temperature=0)
+    assert batch.completion(0) == plain.completion(0)  # coefficient 0 is the unsteered model
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 1.0), (0, 0.8)])
+def test_logprobs_equal_a_full_forward_pass(tiny, top_k, top_p):
+    model, tok = tiny
+    prompts, v = prompts_of(tok), vector_of(model)
+    T = 0.8
+    r = generate(model, prompts, n=2, max_new_tokens=15, temperature=T, top_k=top_k, top_p=top_p, seed=3,
+                 vector=v, layer=1, coeffs=[0.0, 1.0] * 3)
+    with torch.no_grad():
+        logits = model(r.tokens, positions=r.positions, padding_mask=r.padding_mask, steer=Steer(v, 1, r.coeffs))[:, :-1] / T
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[..., -1:], float("-inf"))
+    if top_p < 1:
+        probs = logits.softmax(-1)
+        sp, order = probs.sort(-1, descending=True)
+        drop = (sp.cumsum(-1) - sp) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    want = F.log_softmax(logits, -1).gather(-1, r.tokens[:, 1:, None]).squeeze(-1)
+    mask = r.completion_mask[:, 1:]
+    assert mask.sum() > 0
+    assert (want[mask] - r.logprobs[:, 1:][mask]).abs().max().item() <= 1e-4
+    assert torch.all(r.logprobs[~r.completion_mask] == 0)
+
+
+def test_same_seed_same_samples(tiny):
+    model, tok = tiny
+    run = lambda seed: generate(model, prompts_of(tok), n=3, max_new_tokens=12, temperature=1.0, seed=seed).tokens
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def test_stop_handling_and_completion_mask(tiny):
+    model, tok = tiny
+    prompts = prompts_of(tok)
+    free = generate(model, prompts, max_new_tokens=8, temperature=0)
+    assert free.finish_reasons == ["length"] * 3 and free.completion_lens.tolist() == [8, 8, 8]
+    # stop on the very first token of row 0, and on the 4th token of row 2
+    first, fourth = free.completion(0)[0], free.completion(2)[3]
+    stops = [first, fourth]
+    r = generate(model, prompts, max_new_tokens=8, temperature=0, stop_ids=stops)
+    for i in range(3):
+        ids, n = free.completion(i), int(r.completion_lens[i])
+        cut = next((k + 1 for k, t in enumerate(ids) if t in stops), None)
+        assert n == (cut or 8)
+        assert r.finish_reasons[i] == ("stop" if cut else "length")
+        assert r.completion(i) == ids[:n]  # the stop token is included, nothing after it
+        P = r.prompt_width
+        assert r.completion_mask[i, P:P + n].all() and not r.completion_mask[i, P + n:].any()
+        assert torch.all(r.tokens[i, P + n:] == 0)
+    assert r.completion_lens[0] == 1
+
+
+def test_dropping_finished_rows_changes_nothing(tiny):
+    model, tok = tiny
+    prompts = prompts_of(tok)
+    free = [generate(model, prompts, max_new_tokens=10, temperature=0).completion(i) for i in range(3)]
+    # a token that ends some rows early and never appears in others
+    stops = [next(t for t in free[0] + free[1] + free[2] if not all(t in f for f in free))]
+    run = lambda fraction: generate(model, prompts, n=2, max_new_tokens=10, temperature=0, stop_ids=stops, compact_fraction=fraction)
+    never, at_once = run(2.0), run(0.0)  # never drop finished rows / drop each as soon as it finishes
+    assert 0 < at_once.finish_reasons.count("stop") < 6  # some rows were dropped while others went on
+    assert torch.equal(never.tokens, at_once.tokens) and never.finish_reasons == at_once.finish_reasons
+
+
+def test_too_long_prompt_is_a_clear_error(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        generate(model, [[1] * 500], max_new_tokens=20)
+
+
+def test_smollm2_greedy_equals_transformers_generate(smollm2):
+    import transformers
+
+    model, tok = Transformer.from_pretrained(smollm2), Tokenizer.from_pretrained(smollm2)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in ("What is 17 + 25?", "Tell me a story about a cat.")]
+    r = generate(model, prompts, max_new_tokens=32, temperature=0, stop_ids=tok.stop_ids)
+    for i, p in enumerate(prompts):
+        out = ref.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, eos_token_id=tok.stop_ids, pad_token_id=0)
+        assert r.completion(i) == out[0, len(p):].tolist()

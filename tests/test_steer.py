@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+import steer
+from model import Transformer
+from tokenizer import Tokenizer
+
+
+@pytest.fixture
+def tiny(tiny_chat_model):
+    return Transformer.from_pretrained(tiny_chat_model), Tokenizer.from_pretrained(tiny_chat_model)
+
+
+def answer_pairs(pos, neg, n=4):
+    """Conversations that differ only in the assistant's one-token reply."""
+    q = [[{"role": "user", "content": f"Question {i}?"}] for i in range(n)]
+    return [(c + [{"role": "assistant", "content": pos}], c + [{"role": "assistant", "content": neg}]) for c in q]
+
+
+def plant(model, tok, weights):
+    """Give single-character tokens large embeddings along one shared direction u; returns u."""
+    u = torch.nn.functional.normalize(torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(0)), dim=0)
+    with torch.no_grad():
+        for text, scale in weights.items():
+            (tid,) = tok.encode(text)
+            model.tok_emb.weight[tid] = scale * u
+    return u
+
+
+def test_vector_points_along_the_planted_difference(tiny):
+    model, tok = tiny
+    u = plant(model, tok, {"Q": 40.0, "J": -40.0})
+    vectors = steer.extract(model, tok, answer_pairs("Q", "J"), layers=[0, 1], read="response")
+    for layer in (0, 1):
+        v = vectors[layer].vector
+        assert torch.nn.functional.cosine_similarity(v, u, dim=0) > 0.9
+        assert vectors[layer].meta["agreement"] == 1.0
+
+
+def test_extraction_is_padding_aware(tiny):
+    model, tok = tiny
+    pairs = steer.contrastive_pairs({"positive": "Explain in great detail.", "negative": "Answer only."},
+                                    ["Hi?", "How many apples does Tom have after he gets three more?", "Why?"])
+    got = steer.extract(model, tok, pairs, layers=[2], batch_size=3)[2].vector
+    with torch.no_grad():  # each prompt alone, no padding, last token
+        last = lambda conv: model.hidden(torch.tensor([tok.chat(conv)]), read_layers={2})[1][2][0, -1]
+        want = torch.stack([last(p) for p, _ in pairs]).mean(0) - torch.stack([last(n) for _, n in pairs]).mean(0)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_a_few_outlier_pairs_cannot_set_the_sign(tiny):
+    model, tok = tiny
+    plant(model, tok, {"Q": 40.0, "J": -40.0, "K": -1.0, "X": 1.0})
+    pairs = answer_pairs("Q", "J", n=1) + answer_pairs("K", "X", n=3)  # one huge pair against three small ones
+    with pytest.raises(ValueError, match="25% of pairs"):
+        steer.extract(model, tok, pairs, layers=[0], read="response")
+
+
+def test_save_load_round_trip_keeps_metadata(tiny, tmp_path):
+    model, tok = tiny
+    vectors = steer.extract(model, tok, answer_pairs("Q", "J"), layers=[0, 2, 3], read="response")
+    vectors[2].intensity = 0.3
+    path = str(tmp_path / "v.safetensors")
+    steer.save_vectors(path, vectors, chosen_layer=2, meta={"behavior": "test", "hidden_size": 64})
+    loaded, info = steer.load_vectors(path)
+    assert sorted(loaded) == [0, 2, 3] and info["chosen_layer"] == 2 and info["intensity"] == 0.3
+    for l in (0, 2, 3):
+        assert torch.equal(loaded[l].vector, vectors[l].vector)
+        assert loaded[l].resid_norm == pytest.approx(vectors[l].resid_norm)
+        assert loaded[l].meta == vectors[l].meta
+    assert loaded[2].meta["read"] == "response" and loaded[2].meta["method"] == "mean_difference"
+    sv = loaded[2]
+    assert sv.scaled_direction().norm().item() == pytest.approx(sv.resid_norm, rel=1e-5)
+
+
+def test_load_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="not a steering vector file"):
+        steer.load_vectors(str(tmp_path / "x.safetensors"))
+
+
+def test_unknown_behavior_lists_the_known_ones():
+    with pytest.raises(ValueError) as e:
+        steer.load_behavior("sarcasm")
+    assert "verbosity" in str(e.value) and "data/behaviors/sarcasm.json" in str(e.value)
+
+
+def test_every_shipped_behavior_is_well_formed():
+    import os
+
+    for f in os.listdir(steer.BEHAVIOR_DIR):
+        b = steer.load_behavior(f[:-5])
+        assert b["name"] == f[:-5] and b["positive"] and b["negative"] and len(b["questions"]) >= 16
+        assert isinstance(b["layer"], int) and b["intensity"] > 0
+
+
+def test_sweep_runs_and_choose_prefers_coherent_settings(tiny, capsys):
+    model, tok = tiny
+    behavior = steer.load_behavior("verbosity") | {"reward": {"min_tokens": 4}}
+    vectors = steer.extract(model, tok, steer.contrastive_pairs(behavior, behavior["questions"][:4]), layers=[1, 2])
+    examples = [{"question": "Tom has 2 apples and gets 3 more. How many?", "answer": "#### 5"}] * 3
+    baseline, rows = steer.sweep(model, tok, behavior, vectors, examples, [1, 2], [0.5, 1.0], max_new_tokens=8, temperature=1.0, seed=0)
+    assert len(rows) == 4 and "| layer | intensity | behavior |" in capsys.readouterr().out
+    base = {"ppl": 10.0, "distinct": 0.9, "stopped": 1.0, "behavior": 0.0}
+    good = {"layer": 3, "intensity": 0.5, "ppl": 15.0, "distinct": 0.85, "stopped": 0.9, "behavior": 0.6}
+    better_but_broken = {"layer": 3, "intensity": 1.0, "ppl": 40.0, "distinct": 0.5, "stopped": 0.9, "behavior": 0.9}
+    runaway = dict(good, stopped=0.2, behavior=0.8)  # answers that never end are not coherent either
+    same_but_stronger = dict(good, intensity=0.75)
+    assert steer.choose(base, [good, better_but_broken, runaway, same_but_stronger]) is good
+    assert steer.choose(base, [better_but_broken]) is None

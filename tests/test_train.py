@@ -1,0 +1,128 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rewards
+import steer
+import train
+from model import Transformer
+from tokenizer import Tokenizer
+
+SYNTHETIC = {"name": "synthetic", "description": "say the magic word", "positive": "Say QQQ.", "negative": "Do not.",
+             "questions": ["Hi?"] * 16, "layer": 3, "intensity": 1.0, "reward": {}}
+
+
+@pytest.fixture
+def synthetic(tiny_chat_model, tmp_path, monkeypatch):
+    """A behaviour the tiny model almost never shows (emitting one particular token), a steering vector
+    that makes it common (that token's unembedding direction at the last block), and a small data set."""
+    model, tok = Transformer.from_pretrained(tiny_chat_model), Tokenizer.from_pretrained(tiny_chat_model)
+    (magic,) = tok.encode("Q")
+    monkeypatch.setattr(steer, "BEHAVIOR_DIR", str(tmp_path / "behaviors"))
+    monkeypatch.setattr(steer, "VECTOR_DIR", str(tmp_path / "vectors"))
+    os.makedirs(tmp_path / "behaviors")
+    (tmp_path / "behaviors" / "synthetic.json").write_text(json.dumps(SYNTHETIC))
+    monkeypatch.setitem(rewards.REWARDS, "synthetic", lambda prompt, c, ex: float("Q" in c.text))
+    direction = model.lm_head.weight[magic].detach()
+    sv = steer.SteeringVector(direction, 3, resid_norm=float(direction.norm()), intensity=1.0, meta={"hidden_size": 64})
+    steer.save_vectors(steer.vector_path(tiny_chat_model, "synthetic"), {3: sv}, 3, {"hidden_size": 64, "behavior": "synthetic"})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(12)))
+    return tiny_chat_model, str(data), tmp_path
+
+
+def run(synthetic, algo, out, *extra):
+    model, data, _ = synthetic
+    args = ["--behavior", "synthetic", "--algo", algo, "--model", model, "--data", data, "--eval-data", data, "--steps", "6",
+            "--prompts-per-step", "2", "--group-size", "6", "--coeffs", "0,20,40", "--max-new-tokens", "6", "--temperature", "1.0",
+            "--lr", "3e-3", "--eval-n", "12", "--micro-batch", "5", "--seed", "0", "--out", str(out), *extra]
+    train.main(args)
+    with open(os.path.join(out, "eval_before.json")) as f, open(os.path.join(out, "eval_after.json")) as g:
+        return json.load(f), json.load(g)
+
+
+def test_vspo_teaches_the_unsteered_model_what_grpo_cannot_find(synthetic):
+    _, _, tmp = synthetic
+    before, vspo_after = run(synthetic, "vspo", tmp / "vspo")
+    _, grpo_after = run(synthetic, "grpo", tmp / "grpo")
+    log = [json.loads(l) for l in open(tmp / "vspo" / "log.jsonl")]
+    assert before["behavior"] <= 0.1  # rare for the unsteered model
+    assert log[0]["behavior_by_coeff"]["40"] > log[0]["behavior_by_coeff"]["0"]  # common under steering
+    assert vspo_after["behavior"] >= before["behavior"] + 0.3
+    assert vspo_after["behavior"] > grpo_after["behavior"] + 0.2
+    assert os.path.isfile(tmp / "vspo" / "final" / "model.safetensors")
+    for key in ("reward_mean", "zero_spread_frac", "behavior_by_coeff", "truncated_frac", "kl", "clip_frac", "entropy",
+                "grad_norm", "seconds_sample", "seconds_update", "peak_rss_gb"):
+        assert key in log[0]
+
+
+@pytest.mark.parametrize("extra", [(), ("--beta", "0.1", "--old-logprobs", "steered", "--updates-per-batch", "2", "--train-layers", "2")])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synthetic, monkeypatch, extra):
+    _, _, tmp = synthetic
+    run(synthetic, "vspo", tmp / "whole", "--checkpoint-every", "2", *extra)
+    real_save = train.save_checkpoint
+
+    def killed_after_step_4(out, step, *a):
+        real_save(out, step, *a)
+        if step == 4:
+            raise KeyboardInterrupt  # the run dies right after its second checkpoint
+
+    monkeypatch.setattr(train, "save_checkpoint", killed_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(synthetic, "vspo", tmp / "killed", "--checkpoint-every", "2", *extra)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    run(synthetic, "vspo", tmp / "killed", "--checkpoint-every", "2", "--resume", *extra)
+    a, b = load_file(tmp / "whole" / "final" / "model.safetensors"), load_file(tmp / "killed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert open(tmp / "whole" / "log.jsonl").read().count("\n") == open(tmp / "killed" / "log.jsonl").read().count("\n") == 6
+
+
+def test_guided_and_schedules_run(synthetic):
+    _, _, tmp = synthetic
+    run(synthetic, "guided", tmp / "guided", "--steps", "2")
+    run(synthetic, "vspo", tmp / "anneal", "--steps", "2", "--schedule", "anneal", "--steer-prompt", "no", "--aggregation", "token_mean")
+
+
+def error_of(argv):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg
+    return msg
+
+
+def test_bad_input_gives_one_line_errors(synthetic, tmp_path):
+    model, data, _ = synthetic
+    base = ["--model", model, "--data", data, "--eval-data", data, "--out", str(tmp_path / "run")]
+    assert "unknown behaviour 'sarcasm'" in error_of(["--behavior", "sarcasm", *base])
+    missing = str(tmp_path / "nope.jsonl")
+    assert f"{missing}: no such data file" in error_of(["--behavior", "synthetic", *base, "--data", missing])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "oops"\n')
+    assert f"{broken}:2: not valid JSON" in error_of(["--behavior", "synthetic", *base, "--data", str(broken)])
+    assert "config.json: missing" in error_of(["--behavior", "synthetic", *base, "--model", str(tmp_path)])
+    assert "no checkpoint" in error_of(["--behavior", "synthetic", *base, "--resume"])
+
+
+def test_chunked_logprobs_equal_the_full_computation(tiny_chat_model):
+    from rollout import generate
+
+    model, tok = Transformer.from_pretrained(tiny_chat_model), Tokenizer.from_pretrained(tiny_chat_model)
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in ("Hi", "How many apples does Tom have?")]
+    r = generate(model, prompts, n=3, max_new_tokens=9, temperature=1.0, seed=2)
+    rows, T, P = [1, 2, 4, 5], 0.7, r.prompt_width
+    logp, ent = train.completion_logprobs(model, r, rows, T, chunk=5)  # chunks that split rows
+    logp.sum().backward()
+    chunked_grad = model.layers[0].attn.wq.weight.grad.clone()
+    model.zero_grad()
+    logits = model(r.tokens[rows], positions=r.positions[rows], padding_mask=r.padding_mask[rows])[:, P - 1:-1] / T
+    full = torch.log_softmax(logits, -1)
+    want = full.gather(-1, r.tokens[rows, P:, None]).squeeze(-1) * r.completion_mask[rows, P:]
+    want.sum().backward()
+    assert (logp - want).abs().max().item() <= 1e-5
+    assert torch.allclose(chunked_grad, model.layers[0].attn.wq.weight.grad, atol=1e-6)
+    want_ent = -(full.exp() * full).sum(-1) * r.completion_mask[rows, P:]
+    assert (ent - want_ent).abs().max().item() <= 1e-4
