@@ -411,69 +411,53 @@ class Transformer(nn.Module):
 # HF <-> internal names. One pair of functions; the strict checks are derived from them.
 
 
-def _hf_layer_names(config, i):
-    """(internal name, HF name) pairs of block i's 1:1 tensors."""
+def _name_pairs(config):
+    """(our name, HF name, transposed?) for every tensor that maps one to one."""
+    pairs = []
+    for i in range(config.n_layer):
+        q = f"layers.{i}."
+        if config.is_gpt2:
+            p = f"transformer.h.{i}."
+            for w in ("weight", "bias"):
+                pairs += [(f"{q}attn_norm.{w}", f"{p}ln_1.{w}", False), (f"{q}mlp_norm.{w}", f"{p}ln_2.{w}", False)]
+            for ours, theirs in (("attn.wo", "attn.c_proj"), ("mlp.w_fc", "mlp.c_fc"), ("mlp.w_down", "mlp.c_proj")):
+                # GPT-2's Conv1D computes x @ W + b with W stored (in, out): the transpose of nn.Linear
+                pairs += [(f"{q}{ours}.weight", f"{p}{theirs}.weight", True), (f"{q}{ours}.bias", f"{p}{theirs}.bias", False)]
+            continue
+        p = f"model.layers.{i}."
+        pairs += [(f"{q}attn_norm.weight", f"{p}input_layernorm.weight", False),
+                  (f"{q}mlp_norm.weight", f"{p}post_attention_layernorm.weight", False)]
+        for ours, theirs in (("attn.wq", "self_attn.q_proj"), ("attn.wk", "self_attn.k_proj"), ("attn.wv", "self_attn.v_proj"),
+                             ("attn.wo", "self_attn.o_proj"), ("mlp.w_gate", "mlp.gate_proj"), ("mlp.w_up", "mlp.up_proj"),
+                             ("mlp.w_down", "mlp.down_proj")):
+            pairs += [(f"{q}{ours}.weight", f"{p}{theirs}.weight", False), (f"{q}{ours}.bias", f"{p}{theirs}.bias", False)]
     if config.is_gpt2:
-        p = f"transformer.h.{i}."
-        return [(f"layers.{i}.attn_norm.{w}", f"{p}ln_1.{w}") for w in ("weight", "bias")] + \
-               [(f"layers.{i}.mlp_norm.{w}", f"{p}ln_2.{w}") for w in ("weight", "bias")]
-    p = f"model.layers.{i}."
-    names = [(f"layers.{i}.attn_norm.weight", f"{p}input_layernorm.weight"),
-             (f"layers.{i}.mlp_norm.weight", f"{p}post_attention_layernorm.weight")]
-    for ours, theirs in (("attn.wq", "self_attn.q_proj"), ("attn.wk", "self_attn.k_proj"), ("attn.wv", "self_attn.v_proj"),
-                         ("attn.wo", "self_attn.o_proj"), ("mlp.w_gate", "mlp.gate_proj"), ("mlp.w_up", "mlp.up_proj"),
-                         ("mlp.w_down", "mlp.down_proj")):
-        names.append((f"layers.{i}.{ours}.weight", f"{p}{theirs}.weight"))
-        names.append((f"layers.{i}.{ours}.bias", f"{p}{theirs}.bias"))
-    return names
-
-
-def _top_names(config):
-    if config.is_gpt2:
-        return [("tok_emb.weight", "transformer.wte.weight"), ("pos_emb.weight", "transformer.wpe.weight"),
-                ("norm.weight", "transformer.ln_f.weight"), ("norm.bias", "transformer.ln_f.bias")]
-    names = [("tok_emb.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
+        return pairs + [("tok_emb.weight", "transformer.wte.weight", False), ("pos_emb.weight", "transformer.wpe.weight", False),
+                        ("norm.weight", "transformer.ln_f.weight", False), ("norm.bias", "transformer.ln_f.bias", False)]
+    pairs += [("tok_emb.weight", "model.embed_tokens.weight", False), ("norm.weight", "model.norm.weight", False)]
     if not config.tie_embeddings:
-        names.append(("lm_head.weight", "lm_head.weight"))
-    return names
+        pairs.append(("lm_head.weight", "lm_head.weight", False))
+    return pairs
 
 
 def to_hf_state(config, state):
-    """Our state dict -> HF tensor names and layouts (GPT-2's fused, transposed Conv1D weights)."""
-    out = {}
-    for i in range(config.n_layer):
-        for ours, theirs in _hf_layer_names(config, i):
-            if ours in state:
-                out[theirs] = state[ours]
-        if config.is_gpt2:
-            p, q = f"transformer.h.{i}.", f"layers.{i}."
-            # GPT-2's Conv1D computes x @ W + b with W stored (in, out): the transpose of nn.Linear
-            out[p + "attn.c_attn.weight"] = torch.cat([state[q + f"attn.{w}.weight"].t() for w in ("wq", "wk", "wv")], dim=1)
-            out[p + "attn.c_attn.bias"] = torch.cat([state[q + f"attn.{w}.bias"] for w in ("wq", "wk", "wv")])
-            for ours, theirs in (("attn.wo", "attn.c_proj"), ("mlp.w_fc", "mlp.c_fc"), ("mlp.w_down", "mlp.c_proj")):
-                out[p + theirs + ".weight"] = state[q + ours + ".weight"].t()
-                out[p + theirs + ".bias"] = state[q + ours + ".bias"]
-    for ours, theirs in _top_names(config):
-        out[theirs] = state[ours]
+    """Our state dict -> HF tensor names and layouts. Biases a config lacks are simply absent from `state`."""
+    out = {theirs: state[ours].t() if t else state[ours] for ours, theirs, t in _name_pairs(config) if ours in state}
+    for i in range(config.n_layer if config.is_gpt2 else 0):  # GPT-2 fuses q, k, v into one Conv1D
+        p, q = f"transformer.h.{i}.attn.", f"layers.{i}.attn."
+        out[p + "c_attn.weight"] = torch.cat([state[f"{q}{w}.weight"].t() for w in ("wq", "wk", "wv")], dim=1)
+        out[p + "c_attn.bias"] = torch.cat([state[f"{q}{w}.bias"] for w in ("wq", "wk", "wv")])
     return out
 
 
 def from_hf_state(config, hf_state):
     """Inverse of to_hf_state."""
-    out = {}
-    for i in range(config.n_layer):
-        for ours, theirs in _hf_layer_names(config, i):
-            if theirs in hf_state:
-                out[ours] = hf_state[theirs]
-        if config.is_gpt2:
-            p, q = f"transformer.h.{i}.", f"layers.{i}."
-            for w, wb, bb in zip(("wq", "wk", "wv"), hf_state[p + "attn.c_attn.weight"].chunk(3, dim=1), hf_state[p + "attn.c_attn.bias"].chunk(3)):
-                out[q + f"attn.{w}.weight"], out[q + f"attn.{w}.bias"] = wb.t(), bb
-            for ours, theirs in (("attn.wo", "attn.c_proj"), ("mlp.w_fc", "mlp.c_fc"), ("mlp.w_down", "mlp.c_proj")):
-                out[q + ours + ".weight"] = hf_state[p + theirs + ".weight"].t()
-                out[q + ours + ".bias"] = hf_state[p + theirs + ".bias"]
-    for ours, theirs in _top_names(config):
-        out[ours] = hf_state[theirs]
+    out = {ours: hf_state[theirs].t() if t else hf_state[theirs] for ours, theirs, t in _name_pairs(config) if theirs in hf_state}
+    for i in range(config.n_layer if config.is_gpt2 else 0):
+        p, q = f"transformer.h.{i}.attn.", f"layers.{i}.attn."
+        weights, biases = hf_state[p + "c_attn.weight"].chunk(3, dim=1), hf_state[p + "c_attn.bias"].chunk(3)
+        for w, weight, bias in zip(("wq", "wk", "wv"), weights, biases):
+            out[f"{q}{w}.weight"], out[f"{q}{w}.bias"] = weight.t(), bias
     return out
 
 

@@ -82,7 +82,7 @@ def distinct_ratio(text, n=3):
 
 
 @register("verbosity")
-def verbosity(prompt, completion, example, min_tokens=120, min_distinct=0.6):
+def verbosity(prompt, completion, example, min_tokens=100, min_distinct=0.6):
     """1 for a detailed answer: at least min_tokens tokens, ended on its own, still gives a
     final answer, and not padded by repetition (distinct word trigram ratio)."""
     return float(completion.stopped and completion.n_tokens >= min_tokens and extract_answer(completion.text) is not None

@@ -81,6 +81,8 @@ class Tokenizer:
                                  "(Llama 2, Mistral v0.1: byte fallback or a normalizer) are out of scope for now")
         pattern = _split_pattern(tj.get("pre_tokenizer"), tj_path)
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        # every added token, even one marked special=false (Qwen's <tool_call>), is only ever inserted by id:
+        # text from data never turns into one
         special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         # tiktoken merges the pair whose result has the lowest rank, so ranks can be token ids only if ids
         # grow in merge order (true for tokenizers trained by BPE, and for those exported from tiktoken)

@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=os.path.join(ROOT, "data", "math", "train.jsonl"), help="GSM8K-style JSONL")
     p.add_argument("--eval-data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--group-size", type=int, default=6)
     p.add_argument("--coeffs", default=None, help="steering intensities of a group, e.g. 0,0.1,0.2 (default: 0, half, the vector's intensity)")
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--old-logprobs", default="unsteered", choices=["unsteered", "steered"],
                    help="ratio against the unsteered policy (self-distillation) or with a truncated importance weight for steering")
     p.add_argument("--lam", type=float, default=1.0, help="behaviour weight in the reward: accuracy + lam * behaviour")
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient to the initial model (0: no reference copy)")
     p.add_argument("--aggregation", default="seq_mean", choices=vspo.AGGREGATIONS)
     p.add_argument("--advantage", default="std", choices=["std", "none"])
@@ -67,8 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--train-layers", type=int, default=None, help="train only the last K blocks (default: all parameters)")
-    p.add_argument("--eval-n", type=int, default=64, help="held-out problems for the before/after evaluation")
+    p.add_argument("--train-layers", type=int, default=10, help="train only the last K blocks and the final norm (0: all parameters)")
+    p.add_argument("--eval-n", type=int, default=48, help="held-out problems for the before/after evaluation")
     p.add_argument("--checkpoint-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default: runs/<behavior>-<algo>-seed<seed>)")
@@ -272,7 +272,7 @@ def main(argv=None):
     autocast = lambda: torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=use_bf16)
 
     # which parameters learn: all, or the last K blocks (+ final norm) to save compute on a CPU
-    if args.train_layers is not None:
+    if args.train_layers:
         for p in model.parameters():
             p.requires_grad_(False)
         for block in model.layers[-args.train_layers:]:

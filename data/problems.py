@@ -8,6 +8,7 @@ a small model. A user's own GSM8K or MATH-style file, in the same format, works 
     python -m data.problems            # writes data/math/{train,test}.jsonl at the default level
 
 Levels (the worked answer shows the steps):
+  0: "What is a + b?" / "What is a - b?", a below 20 and b below 10
   1: one addition or subtraction of numbers below 10
   2: one operation (+, -, x) on numbers below 20
   3: two steps on numbers below 20
@@ -21,7 +22,7 @@ import random
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DIR = os.path.join(HERE, "math")
-DEFAULT_LEVEL = 1
+DEFAULT_LEVEL = 0
 
 NAMES = ["Tom", "Anna", "Sam", "Lea", "Omar", "Mia", "Ravi", "Zoe", "Ben", "Ivy", "Leo", "Nina"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "coins", "shells", "cards", "eggs"]
@@ -58,8 +59,17 @@ def _two_steps(rng, hi):
     return q, steps, a + b - c
 
 
+def _bare(rng):
+    a, b = rng.randint(2, 19), rng.randint(2, 9)
+    if rng.random() < 0.5 or a <= b:
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", a + b
+    return f"What is {a} - {b}?", f"{a} - {b} = {a - b}.", a - b
+
+
 def make_problem(rng, level):
-    if level == 1:
+    if level == 0:
+        q, steps, ans = _bare(rng)
+    elif level == 1:
         q, steps, ans = _one_step(rng, 10, "+-")
     elif level == 2:
         q, steps, ans = _one_step(rng, 20, "+-*")
@@ -68,18 +78,20 @@ def make_problem(rng, level):
     elif level == 4:
         q, steps, ans = _two_steps(rng, 100)
     else:
-        raise ValueError(f"level must be 1 to 4, got {level}")
+        raise ValueError(f"level must be 0 to 4, got {level}")
     return {"question": q, "answer": f"{steps}\n#### {ans}"}
 
 
 def generate(n, level=DEFAULT_LEVEL, seed=0):
+    """Up to n distinct problems (a level's problem space can be smaller than n)."""
     rng = random.Random(seed)
-    return [make_problem(rng, level) for _ in range(n)]
-
-
-def final_answer(example):
-    """The number after '####' in a GSM8K-style answer."""
-    return example["answer"].split("####")[-1].strip().replace(",", "")
+    seen = {}
+    for _ in range(50 * n):
+        p = make_problem(rng, level)
+        seen.setdefault(p["question"], p)
+        if len(seen) == n:
+            break
+    return list(seen.values())
 
 
 def read_jsonl(path):
@@ -121,12 +133,12 @@ def main():
     parser.add_argument("--out", default=DEFAULT_DIR)
     args = parser.parse_args()
     problems = generate(args.train + args.test, args.level, args.seed)
-    # the held-out split never repeats a training question
-    train_q = {p["question"] for p in problems[:args.train]}
-    test = [p for p in problems[args.train:] if p["question"] not in train_q]
-    write_jsonl(os.path.join(args.out, "train.jsonl"), problems[:args.train])
+    # distinct questions, so the held-out split never repeats a training question
+    n_test = min(args.test, len(problems) // 4)
+    test, train = problems[:n_test], problems[n_test:]
+    write_jsonl(os.path.join(args.out, "train.jsonl"), train)
     write_jsonl(os.path.join(args.out, "test.jsonl"), test)
-    print(f"wrote {args.train} train and {len(test)} test problems (level {args.level}) to {args.out}")
+    print(f"wrote {len(train)} train and {len(test)} test problems (level {args.level}) to {args.out}")
 
 
 if __name__ == "__main__":
