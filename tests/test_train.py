@@ -84,6 +84,7 @@ def test_guided_and_schedules_run(synthetic):
     _, _, tmp = synthetic
     run(synthetic, "guided", tmp / "guided", "--steps", "2")
     run(synthetic, "vspo", tmp / "anneal", "--steps", "2", "--schedule", "anneal", "--steer-prompt", "no", "--aggregation", "token_mean")
+    run(synthetic, "vspo", tmp / "bf16", "--steps", "2", "--dtype", "bfloat16")  # autocast through sampling and the update
 
 
 def error_of(argv):
