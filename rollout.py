@@ -104,7 +104,8 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
 
     Steering: `vector` (C,) is added at the output of block `layer` with coefficient coeffs[r]
     for row r (coeffs: N = len(prompts) * n values). steer_prompt=True steers the prompt
-    positions too; False steers generated positions only. The same seed gives the same samples.
+    positions too; False steers generated positions only (so the first new token, predicted from the
+    last prompt position, is sampled unsteered). The same seed gives the same samples.
     compact_fraction: drop finished rows from the active batch once they are this share of it.
     """
     device = next(model.parameters()).device
