@@ -11,6 +11,8 @@ How one call to `generate` runs:
      they are dropped from the active batch so they cost nothing more.
 The result is laid out for training: prompt left-padded to column P, completion from
 column P on, so the trainer's forward pass uses the same positions and masks as sampling.
+`completion_logprobs` scores those completions under a model (the trainer's policy, the
+sweep's perplexity) without ever building a (rows, time, vocab) tensor.
 
     python rollout.py --prompt "What is 12 * 7?" --n 3 --behavior verbosity --coeffs 0,1,2
 """
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model import KVCache, Steer
 
@@ -60,6 +63,11 @@ class Rollouts:
     def completion(self, row):
         """The generated ids of one row (the stop token included)."""
         return self.tokens[row][self.completion_mask[row]].tolist()
+
+    def completions(self, tok):
+        """(text without stop tokens, length in tokens, ended with a stop token) of every row: what rewards score."""
+        return [(tok.decode([t for t in self.completion(i) if t not in tok.stop_ids]), int(n), why == "stop")
+                for i, (n, why) in enumerate(zip(self.completion_lens.tolist(), self.finish_reasons))]
 
 
 def sample_token(logits, temperature, top_k, top_p, generator):
@@ -184,6 +192,39 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
 
 
 # -----------------------------------------------------------------------------
+# Log-probs of rollouts under a model (the trainer's policy, the sweep's coherence check),
+# without the (rows, time, vocab) tensor
+
+
+def _chunk_logprobs(h, weight, targets, temperature):
+    logits = (h @ weight.t()).float() / temperature  # (M, V), one chunk only
+    lse = torch.logsumexp(logits, -1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    with torch.no_grad():
+        entropy = lse - (logits.softmax(-1) * logits).sum(-1)
+    return logp, entropy
+
+
+def completion_logprobs(model, r, rows, temperature, chunk=512):
+    """Log-probs (n, G) and entropies (n, G) of the completion tokens of rollout rows under `model`
+    (unsteered), at the sampling temperature. Only completion positions reach the vocabulary
+    projection, in chunks whose logits are recomputed in backward rather than kept (activation
+    checkpointing): peak memory holds one (chunk, vocab) block, not (rows, time, vocab)."""
+    P = r.prompt_width
+    h, _ = model.hidden(r.tokens[rows], positions=r.positions[rows], padding_mask=r.padding_mask[rows])
+    h = h[:, P - 1:-1]  # (n, G, C): the state before each completion token predicts it
+    targets, mask = r.tokens[rows, P:], r.completion_mask[rows, P:]
+    h_sel, t_sel = h[mask], targets[mask]  # (M, C), (M,)
+    logp, ent = [h_sel.new_zeros(0, dtype=torch.float32)], [h_sel.new_zeros(0, dtype=torch.float32)]
+    for i in range(0, len(t_sel), chunk):
+        lp, e = checkpoint(_chunk_logprobs, h_sel[i:i + chunk], model.lm_head.weight, t_sel[i:i + chunk], temperature, use_reentrant=False)
+        logp.append(lp)
+        ent.append(e)
+    zeros = torch.zeros(mask.shape, device=h.device)
+    return zeros.masked_scatter(mask, torch.cat(logp)), zeros.masked_scatter(mask, torch.cat(ent))
+
+
+# -----------------------------------------------------------------------------
 # CLI: see what steering does to one prompt
 
 
@@ -230,7 +271,7 @@ def main():
                  top_p=args.top_p, stop_ids=tok.stop_ids, seed=args.seed, vector=vector, layer=layer,
                  coeffs=[c for c in coeffs for _ in range(args.n)], steer_prompt=args.steer_prompt == "yes")
     elapsed = time.time() - t0
-    texts = [tok.decode([t for t in r.completion(i) if t not in tok.stop_ids]) for i in range(len(r.finish_reasons))]
+    texts = [text for text, _, _ in r.completions(tok)]
     headers = [f"coeff {c:g}: {int(length)} tok, {why}" for c, length, why in zip(r.coeffs.tolist(), r.completion_lens, r.finish_reasons)]
     show_side_by_side(texts, headers, shutil.get_terminal_size((160, 40)).columns)
     print(f"\n{int(r.completion_lens.sum())} tokens in {elapsed:.1f} s")

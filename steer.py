@@ -25,13 +25,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import rewards
 from model import CheckpointError, Transformer
-from rollout import generate, left_pad
+from rollout import completion_logprobs, generate, left_pad
 from tokenizer import Tokenizer, TokenizerError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -177,27 +176,35 @@ def vector_path(model_path, behavior):
     return os.path.join(VECTOR_DIR, os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL)), f"{behavior}.safetensors")
 
 
-def load_or_extract(model, tok, behavior_name, model_path=None, layer=None):
-    """The behaviour's steering vector for this model at `layer` (default: the recorded choice)."""
+def load_or_extract_all(model, tok, behavior_name, model_path=None):
+    """Every layer's vector for this behaviour and model -> ({layer: SteeringVector}, metadata, file path).
+    Read from the file when it exists; otherwise extracted once and saved, with the behaviour's defaults."""
     path = vector_path(model_path, behavior_name)
-    behavior = load_behavior(behavior_name)
     if os.path.isfile(path):
         vectors, info = load_vectors(path)
         if info.get("hidden_size") != model.config.n_embd:
             raise ValueError(f"{path}: vectors of size {info.get('hidden_size')} do not fit this model ({model.config.n_embd}); delete the file")
-    else:
-        vectors = extract(model, tok, contrastive_pairs(behavior), range(model.config.n_layer))
-        default = min(behavior["layer"], model.config.n_layer - 1)
-        vectors[default].intensity = behavior["intensity"]
-        info = {"behavior": behavior_name, "model": os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL)),
-                "hidden_size": model.config.n_embd, "chosen_by": "data/behaviors default", "chosen_layer": default}
-        save_vectors(path, vectors, default, info)
+        return vectors, info, path
+    behavior = load_behavior(behavior_name)
+    vectors = extract(model, tok, contrastive_pairs(behavior), range(model.config.n_layer))
+    default = min(behavior["layer"], model.config.n_layer - 1)
+    for sv in vectors.values():
+        sv.intensity = behavior["intensity"]
+    info = {"behavior": behavior_name, "model": os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL)),
+            "hidden_size": model.config.n_embd, "chosen_by": "data/behaviors default", "chosen_layer": default,
+            "intensity": behavior["intensity"]}
+    save_vectors(path, vectors, default, info)
+    return vectors, info, path
+
+
+def load_or_extract(model, tok, behavior_name, model_path=None, layer=None):
+    """The behaviour's steering vector for this model at `layer` (default: the recorded choice),
+    carrying the recorded default intensity."""
+    vectors, info, _ = load_or_extract_all(model, tok, behavior_name, model_path)
     chosen = info["chosen_layer"] if layer is None else layer
     if chosen not in vectors:
         raise ValueError(f"layer {chosen} is out of range: the model has layers 0..{model.config.n_layer - 1}")
-    sv = vectors[chosen]
-    sv.intensity = vectors[info["chosen_layer"]].intensity
-    return sv
+    return vectors[chosen]
 
 
 # -----------------------------------------------------------------------------
@@ -205,20 +212,11 @@ def load_or_extract(model, tok, behavior_name, model_path=None, layer=None):
 
 
 @torch.no_grad()
-def completion_logprobs(model, r):
-    """(N,) summed log-prob and (N,) token count of each row's completion under the *unsteered* model."""
-    logits = model(r.tokens, positions=r.positions, padding_mask=r.padding_mask)[:, :-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, r.tokens[:, 1:, None]).squeeze(-1)
-    mask = r.completion_mask[:, 1:]
-    return (logp * mask).sum(1), mask.sum(1)
-
-
 def rollout_stats(model, tok, r, examples, behavior_fn):
     """Behaviour rate, accuracy, length, repetition and coherence (perplexity under the unsteered model)."""
-    comps = [rewards.Completion(tok.decode([t for t in r.completion(i) if t not in tok.stop_ids]), int(n), why == "stop")
-             for i, (n, why) in enumerate(zip(r.completion_lens.tolist(), r.finish_reasons))]
+    comps = [rewards.Completion(*c) for c in r.completions(tok)]
     rows = [examples[int(p)] for p in r.prompt_index]
-    logp, count = completion_logprobs(model, r)
+    logp, _ = completion_logprobs(model, r, list(range(len(comps))), temperature=1.0)  # 0 off the completions
     n = len(comps)
     return {
         "behavior": sum(behavior_fn("", c, ex) for c, ex in zip(comps, rows)) / n if behavior_fn else float("nan"),
@@ -226,7 +224,7 @@ def rollout_stats(model, tok, r, examples, behavior_fn):
         "length": sum(c.n_tokens for c in comps) / n,
         "stopped": sum(c.stopped for c in comps) / n,
         "distinct": sum(rewards.distinct_ratio(c.text) for c in comps) / n,
-        "ppl": math.exp(-logp.sum().item() / max(1, count.sum().item())),
+        "ppl": math.exp(-logp.sum().item() / max(1, int(r.completion_mask.sum()))),
     }
 
 
@@ -292,9 +290,8 @@ def main():
     try:
         behavior = load_behavior(args.behavior)
         model, tok = load_model_and_tokenizer(args.model, args.device)
-        sv = load_or_extract(model, tok, args.behavior, args.model)
-        path = vector_path(args.model, args.behavior)
-        vectors, info = load_vectors(path)
+        vectors, info, path = load_or_extract_all(model, tok, args.behavior, args.model)
+        sv = vectors[info["chosen_layer"]]
         print(f"{path}: {len(vectors)} layers; chosen layer {info['chosen_layer']}, intensity {info['intensity']} "
               f"(|v| = {sv.vector.norm():.1f}, residual norm {sv.resid_norm:.1f})")
         if not args.sweep:

@@ -20,7 +20,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import resource
@@ -29,14 +28,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import rewards
 import vspo
 from data.problems import DataError, read_jsonl
-from rollout import generate, left_pad
+from rollout import completion_logprobs, generate, left_pad
 from steer import load_behavior, load_model_and_tokenizer, load_or_extract, user_prompt
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -108,38 +105,6 @@ def batch_indices(n_examples, prompts_per_step, step, seed):
     return order[k * prompts_per_step:(k + 1) * prompts_per_step]
 
 
-# -----------------------------------------------------------------------------
-# Log-probs without the (rows, time, vocab) tensor
-
-
-def _chunk_logprobs(h, weight, targets, temperature):
-    logits = (h @ weight.t()).float() / temperature  # (M, V), one chunk only
-    lse = torch.logsumexp(logits, -1)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-    with torch.no_grad():
-        entropy = lse - (logits.softmax(-1) * logits).sum(-1)
-    return logp, entropy
-
-
-def completion_logprobs(model, r, rows, temperature, chunk=512):
-    """Log-probs (n, G) and entropies (n, G) of the completion tokens of rollout rows under `model`
-    (unsteered), at the sampling temperature. Only completion positions reach the vocabulary
-    projection, in chunks whose logits are recomputed in backward rather than kept (activation
-    checkpointing): peak memory holds one (chunk, vocab) block, not (rows, time, vocab)."""
-    P = r.prompt_width
-    h, _ = model.hidden(r.tokens[rows], positions=r.positions[rows], padding_mask=r.padding_mask[rows])
-    h = h[:, P - 1:-1]  # (n, G, C): the state before each completion token predicts it
-    targets, mask = r.tokens[rows, P:], r.completion_mask[rows, P:]
-    h_sel, t_sel = h[mask], targets[mask]  # (M, C), (M,)
-    logp, ent = [h_sel.new_zeros(0, dtype=torch.float32)], [h_sel.new_zeros(0, dtype=torch.float32)]
-    for i in range(0, len(t_sel), chunk):
-        lp, e = checkpoint(_chunk_logprobs, h_sel[i:i + chunk], model.lm_head.weight, t_sel[i:i + chunk], temperature, use_reentrant=False)
-        logp.append(lp)
-        ent.append(e)
-    zeros = torch.zeros(mask.shape, device=h.device)
-    return zeros.masked_scatter(mask, torch.cat(logp)), zeros.masked_scatter(mask, torch.cat(ent))
-
-
 def with_prompts(r, prompts):
     """The same completions behind different prompts (--algo guided trains on the plain prompt)."""
     P = r.prompt_width
@@ -157,11 +122,8 @@ def with_prompts(r, prompts):
 
 def score(tok, r, examples, behavior, lam):
     """Decode each rollout and score it -> (rewards, accuracies, behaviour scores), each (N,)."""
-    out = []
-    for i, ex in enumerate(examples):
-        text = tok.decode([t for t in r.completion(i) if t not in tok.stop_ids])
-        completion = rewards.Completion(text, int(r.completion_mask[i].sum()), r.finish_reasons[i] == "stop")
-        out.append(rewards.composite("", completion, ex, behavior["name"], lam, **behavior.get("reward", {})))
+    out = [rewards.composite("", rewards.Completion(*c), ex, behavior["name"], lam, **behavior.get("reward", {}))
+           for c, ex in zip(r.completions(tok), examples)]
     return torch.tensor(out).T  # (3, N)
 
 

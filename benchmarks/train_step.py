@@ -28,9 +28,8 @@ def batch(rows, prompt, completion, vocab, seed=0):
 
 def run_ours(args):
     import vspo
-    from rollout import Rollouts
+    from rollout import Rollouts, completion_logprobs
     from steer import load_model_and_tokenizer
-    from train import completion_logprobs
 
     model, _ = load_model_and_tokenizer(None)
     tokens, mask = batch(args.rows, args.prompt, args.completion, model.config.vocab_size)

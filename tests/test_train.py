@@ -109,13 +109,13 @@ def test_bad_input_gives_one_line_errors(synthetic, tmp_path):
 
 
 def test_chunked_logprobs_equal_the_full_computation(tiny_chat_model):
-    from rollout import generate
+    from rollout import completion_logprobs, generate
 
     model, tok = Transformer.from_pretrained(tiny_chat_model), Tokenizer.from_pretrained(tiny_chat_model)
     prompts = [tok.chat([{"role": "user", "content": q}]) for q in ("Hi", "How many apples does Tom have?")]
     r = generate(model, prompts, n=3, max_new_tokens=9, temperature=1.0, seed=2)
     rows, T, P = [1, 2, 4, 5], 0.7, r.prompt_width
-    logp, ent = train.completion_logprobs(model, r, rows, T, chunk=5)  # chunks that split rows
+    logp, ent = completion_logprobs(model, r, rows, T, chunk=5)  # chunks that split rows
     logp.sum().backward()
     chunked_grad = model.layers[0].attn.wq.weight.grad.clone()
     model.zero_grad()
