@@ -66,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--train-layers", type=int, default=10, help="train only the last K blocks and the final norm (0: all parameters)")
     p.add_argument("--eval-n", type=int, default=48, help="held-out problems for the before/after evaluation")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate the unsteered model every K steps (0: before and after only)")
     p.add_argument("--checkpoint-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default: runs/<behavior>-<algo>-seed<seed>)")
@@ -334,6 +335,8 @@ def main(argv=None):
                "truncated_frac": r.finish_reasons.count("length") / len(r.finish_reasons), **stats, "grad_norm": grad_norm,
                "seconds_sample": t_sample, "seconds_update": t_update,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            row["eval"] = evaluate(model, tok, eval_examples, behavior, args, autocast)
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", behavior=f"{row['behavior_mean']:.2f}", length=f"{row['length_mean']:.0f}")

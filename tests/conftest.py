@@ -94,3 +94,33 @@ def tiny_chat_model(tmp_path_factory):
                 p.normal_(0.0, 0.1)
     model.save_pretrained(path)
     return str(path)
+
+
+SYNTHETIC = {"name": "synthetic", "description": "say the magic word", "positive": "Say QQQ.", "negative": "Do not.",
+             "questions": ["Hi?"] * 16, "layer": 3, "intensity": 1.0, "reward": {}}
+
+
+@pytest.fixture
+def synthetic(tiny_chat_model, tmp_path, monkeypatch):
+    """A behaviour the tiny model almost never shows (emitting one particular token), a steering vector
+    that makes it common (that token's unembedding direction at the last block), and a small data set."""
+    import json
+
+    import rewards
+    import steer
+    from model import Transformer
+    from tokenizer import Tokenizer
+
+    model, tok = Transformer.from_pretrained(tiny_chat_model), Tokenizer.from_pretrained(tiny_chat_model)
+    (magic,) = tok.encode("Q")
+    monkeypatch.setattr(steer, "BEHAVIOR_DIR", str(tmp_path / "behaviors"))
+    monkeypatch.setattr(steer, "VECTOR_DIR", str(tmp_path / "vectors"))
+    os.makedirs(tmp_path / "behaviors")
+    (tmp_path / "behaviors" / "synthetic.json").write_text(json.dumps(SYNTHETIC))
+    monkeypatch.setitem(rewards.REWARDS, "synthetic", lambda prompt, c, ex: float("Q" in c.text))
+    direction = model.lm_head.weight[magic].detach()
+    sv = steer.SteeringVector(direction, 3, resid_norm=float(direction.norm()), intensity=1.0, meta={"hidden_size": 64})
+    steer.save_vectors(steer.vector_path(tiny_chat_model, "synthetic"), {3: sv}, 3, {"hidden_size": 64, "behavior": "synthetic"})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(12)))
+    return tiny_chat_model, str(data), tmp_path

@@ -1,0 +1,156 @@
+"""
+VSPO's claim on a real model: VSPO, reward-shaped GRPO and guidance, side by side.
+
+    python -m experiments.compare                          # SmolLM2-135M, verbosity, seed 0: ~90 min on 2 CPU cores
+    python -m experiments.compare --seeds 0,1,2,3,4 --steps 40 --eval-every 5 --device cuda   # the GPU configuration
+
+1. The alignment diagnostic, before any training: the behaviour rate and the accuracy of the
+   model sampled at a range of steering intensities (steer.sweep at the vector's layer).
+   VSPO can only distil what steering produces; experiments/bandit.py shows the advantage
+   vanishing as steered samples stop showing the behaviour.
+2. train.py with --algo vspo, grpo and guided: the same initial model, seed, data, rollout
+   budget (prompts x group size x max tokens) and steps; the unsteered model evaluated on
+   the held-out problems every --eval-every steps.
+3. docs/compare.png (the curves and the diagnostic) and a markdown table.
+
+Each run lives in <out>/<algo>-seed<seed>: a finished run is read back, a killed one is
+resumed, so re-running the command after an interruption continues where it stopped.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+import train
+from data.problems import read_jsonl
+from steer import load_behavior, load_model_and_tokenizer, load_or_extract_all, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALGOS = ("vspo", "grpo", "guided")
+
+
+def alignment_diagnostic(args):
+    """Behaviour rate and accuracy against steering intensity, on the held-out problems, before training."""
+    model, tok = load_model_and_tokenizer(args.model, args.device)
+    vectors, info, _ = load_or_extract_all(model, tok, args.behavior, args.model)
+    layer, top = info["chosen_layer"], info["intensity"]
+    intensities = [round(top * f, 4) for f in (0.5, 1.0, 1.5, 2.0)]
+    examples = read_jsonl(args.eval_data)[:args.eval_n]
+    t = args.train
+    baseline, results = sweep(model, tok, load_behavior(args.behavior), vectors, examples, [layer], intensities,
+                              t.max_new_tokens, t.temperature, args.seeds[0], t.steer_prompt == "yes")
+    return {"layer": layer, "vector_intensity": top, "rows": [baseline, *results]}
+
+
+def run(algo, seed, args):
+    """One train.py run (resumed if it was interrupted) -> its unsteered evaluations [(step, metrics)] and minutes."""
+    out = os.path.join(args.out, f"{algo}-seed{seed}")
+    if not os.path.isfile(os.path.join(out, "eval_after.json")):
+        argv = ["--behavior", args.behavior, "--algo", algo, "--seed", str(seed), "--out", out, "--steps", str(args.steps),
+                "--eval-every", str(args.eval_every), "--eval-n", str(args.eval_n), "--eval-data", args.eval_data,
+                "--device", args.device, *args.train_args.split()]
+        if args.model:
+            argv += ["--model", args.model]
+        if os.path.isfile(os.path.join(out, "latest")):
+            argv.append("--resume")
+        t0 = time.time()
+        train.main(argv)
+        with open(os.path.join(out, "minutes"), "w") as f:
+            f.write(f"{(time.time() - t0) / 60:.1f}")
+    load = lambda name: json.load(open(os.path.join(out, name)))
+    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    evals = [(0, load("eval_before.json"))] + [(r["step"] + 1, r["eval"]) for r in log if "eval" in r]
+    evals.append((log[-1]["step"] + 1, load("eval_after.json")))
+    minutes = float(open(os.path.join(out, "minutes")).read()) if os.path.isfile(os.path.join(out, "minutes")) else float("nan")
+    return evals, minutes
+
+
+def mean_curve(runs, key):
+    """Steps and the mean over seeds of one metric."""
+    steps = [s for s, _ in runs[0]]
+    return steps, [sum(r[i][1][key] for r in runs) / len(runs) for i in range(len(steps))]
+
+
+def print_tables(diag, results, args):
+    print(f"\nalignment diagnostic (before training; layer {diag['layer']}, {args.eval_n} held-out problems, T={args.train.temperature}):")
+    print("| intensity | behaviour rate | accuracy | mean length | ended on its own | perplexity (unsteered) |")
+    print("|---|---|---|---|---|---|")
+    for r in diag["rows"]:
+        print(f"| {r['intensity']:g} | {r['behavior']:.2f} | {r['accuracy']:.2f} | {r['length']:.0f} | {r['stopped']:.2f} | {r['ppl']:.2f} |")
+    n = len(args.seeds)
+    print(f"\nunsteered model on {args.eval_n} held-out problems, {args.steps} steps, mean over {n} seed{'s' * (n > 1)}:")
+    print("| algo | behaviour before | behaviour after | accuracy before | accuracy after | length before | length after | minutes per run |")
+    print("|---|---|---|---|---|---|---|---|")
+    for algo, (runs, minutes) in results.items():
+        m = lambda key, i: sum(r[i][1][key] for r in runs) / len(runs)
+        print(f"| {algo} | {m('behavior', 0):.2f} | {m('behavior', -1):.2f} | {m('accuracy', 0):.2f} | {m('accuracy', -1):.2f} | "
+              f"{m('length', 0):.0f} | {m('length', -1):.0f} | {sum(minutes) / len(minutes):.0f} |")
+
+
+def plot(diag, results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for ax, key, title in zip(axes, ("behavior", "accuracy", "length"),
+                              ("behaviour rate (unsteered)", "accuracy (unsteered)", "mean length (tokens)")):
+        for algo, (runs, _) in results.items():
+            ax.plot(*mean_curve(runs, key), "o-", label=algo)
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.legend()
+    ax = axes[3]
+    xs = [r["intensity"] for r in diag["rows"]]
+    ax.plot(xs, [r["behavior"] for r in diag["rows"]], "o-", label="behaviour rate")
+    ax.plot(xs, [r["accuracy"] for r in diag["rows"]], "s-", label="accuracy")
+    ax.plot(xs, [r["stopped"] for r in diag["rows"]], "^--", label="ended on its own")
+    ax.set_title(f"before training: steering at layer {diag['layer']}")
+    ax.set_xlabel("intensity (x residual norm)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="VSPO vs reward-shaped GRPO vs guidance on the same model, data and budget.")
+    p.add_argument("--behavior", default="verbosity")
+    p.add_argument("--model", default=None)
+    p.add_argument("--algos", default=",".join(ALGOS))
+    p.add_argument("--seeds", default="0", help="comma-separated; one seed is what a 2-core CPU affords in ~90 min")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--eval-every", type=int, default=8)
+    p.add_argument("--eval-n", type=int, default=48)
+    p.add_argument("--eval-data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
+    p.add_argument("--train-args", default="", help="further train.py flags, shared by every run, e.g. '--lr 1e-4 --max-new-tokens 256'")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "compare"))
+    p.add_argument("--plot", default=os.path.join(ROOT, "docs", "compare.png"))
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.train = train.parse_args(["--behavior", args.behavior, *args.train_args.split()])  # what every run will use
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    diag_path = os.path.join(args.out, "diagnostic.json")
+    if os.path.isfile(diag_path):
+        diag = json.load(open(diag_path))
+    else:
+        diag = alignment_diagnostic(args)
+        json.dump(diag, open(diag_path, "w"))
+    results = {}
+    for algo in args.algos.split(","):
+        runs = [run(algo, seed, args) for seed in args.seeds]
+        results[algo] = ([e for e, _ in runs], [m for _, m in runs])
+    print_tables(diag, results, args)
+    print(f"\n{(time.time() - t0) / 60:.0f} min in this invocation")
+    try:
+        plot(diag, results, args.plot)
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The bandit experiment's mechanics (experiments/bandit.py) and a tiny run of each experiment script."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from experiments import bandit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_vspo_with_zero_intensities_is_grpo_exactly():
+    correct, behavior, decoy, logits0 = bandit.make_arms()
+    run = lambda intensities: bandit.train(correct, behavior, logits0, behavior, intensities, seeds=4, iters=60, seed=3)
+    grpo_hit, grpo_curve = run([0.0])
+    zero_hit, zero_curve = run([0.0, 0.0, 0.0])
+    steered_hit, steered_curve = run([0.0, 2.5, 5.0])
+    assert torch.equal(grpo_curve, zero_curve) and torch.equal(grpo_hit, zero_hit)
+    assert not torch.equal(grpo_curve, steered_curve)  # steering does change the update
+    assert grpo_curve[-1].mean() != grpo_curve[0].mean()  # and GRPO itself learns something
+
+
+def test_steered_sampling_matches_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(6)
+    score = torch.tensor([1.0, 0.0, -0.5, 2.0, 0.0, 0.3])
+    alpha = 1.7
+    expected = logits.exp() * (alpha * score).exp()
+    expected = expected / expected.sum()  # eq. (1) written out
+    assert torch.allclose(bandit.steered_probs(logits, score, torch.tensor(alpha)), expected, atol=1e-6)
+    n = 200_000
+    arms = bandit.sample_arms(logits.repeat(n, 1), score, torch.full((n,), alpha), torch.Generator().manual_seed(0))
+    freq = torch.bincount(arms, minlength=6).float() / n
+    assert 0.5 * (freq - expected).abs().sum() < 0.01
+    unsteered = bandit.sample_arms(logits.repeat(n, 1), score, torch.zeros(n), torch.Generator().manual_seed(0))
+    assert 0.5 * (torch.bincount(unsteered, minlength=6).float() / n - torch.softmax(logits, -1)).abs().sum() < 0.01
+
+
+def test_alignment_tv_ends():
+    correct, behavior, decoy, logits0 = bandit.make_arms()
+    assert bandit.alignment_tv(logits0, behavior, 30.0, behavior) < 1e-6  # pushes onto exactly the behaviour arms
+    assert bandit.alignment_tv(logits0, decoy, 30.0, behavior) > 0.999  # pushes onto arms without the behaviour
+    assert bandit.alignment_tv(logits0, behavior, 0.0, behavior) > 0.9  # unsteered: the behaviour is rare
+
+
+def test_bandit_script_tiny(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "experiments.bandit", "--seeds", "3", "--iters", "40", "--rhos", "0,1",
+                          "--out", str(tmp_path / "b.png")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "| 0.00 |" in out.stdout and "| 1.00 |" in out.stdout
+
+
+def test_compare_tiny(synthetic, tmp_path):
+    from experiments import compare
+
+    model, data, _ = synthetic
+    out = tmp_path / "compare"
+    argv = ["--behavior", "synthetic", "--model", model, "--eval-data", data, "--steps", "2", "--eval-every", "1",
+            "--eval-n", "4", "--out", str(out), "--plot", str(tmp_path / "c.png"), "--train-args",
+            f"--data {data} --prompts-per-step 2 --group-size 3 --coeffs 0,20,40 --max-new-tokens 5 --temperature 1.0"]
+    compare.main(argv)
+    for algo in compare.ALGOS:
+        log = [json.loads(l) for l in open(out / f"{algo}-seed0" / "log.jsonl")]
+        assert "eval" in log[0] and "eval" not in log[1]  # step 1 evaluated; the last step's is eval_after.json
+    diag = json.load(open(out / "diagnostic.json"))
+    assert [r["intensity"] for r in diag["rows"]] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    mtime = os.path.getmtime(out / "vspo-seed0" / "eval_after.json")
+    compare.main(argv)  # finished runs are read back, not trained again
+    assert os.path.getmtime(out / "vspo-seed0" / "eval_after.json") == mtime
+
+
+def test_verbosity_rate_reads_off_shorter_budgets():
+    from experiments.verbosity_threshold import rate
+    from rewards import Completion
+
+    detailed = "First we take 3 apples. Then we add 4 more apples to the pile. Counting them all gives 7. The answer is 7."
+    comps = [Completion(detailed, 150, True), Completion(detailed, 110, True), Completion("7", 3, True),
+             Completion(detailed, 320, False)]
+    assert rate(comps, 100, 320) == 0.5  # the truncated one never counts
+    assert rate(comps, 100, 120) == 0.25  # under a budget of 120 the 150-token answer would have been cut off
+    assert rate(comps, 140, 320) == 0.25
+
+
+def test_verbosity_threshold_script_tiny(smollm2, tmp_path, monkeypatch, capsys):
+    import steer
+    from experiments import verbosity_threshold
+
+    monkeypatch.setattr(steer, "VECTOR_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["verbosity_threshold", "--model", smollm2, "--problems", "2", "--samples", "1",
+                                      "--intensities", "0.15", "--max-new-tokens", "12", "--min-tokens", "4,8", "--budgets", "8,12"])
+    verbosity_threshold.main()
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| 0")]
+    assert len(rows) == 4  # intensities 0 and 0.15, budgets 8 and 12
