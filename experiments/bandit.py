@@ -127,9 +127,13 @@ def experiment(rhos, seeds, iters, top_intensity, lam, lr, seed):
     return rows, curves
 
 
+def quartiles(hits):
+    """(lower quartile, median, upper quartile) of iteration counts."""
+    return torch.quantile(torch.tensor(hits, dtype=torch.float), torch.tensor([0.25, 0.5, 0.75]))
+
+
 def summarize(hits, iters):
-    h = torch.tensor(hits, dtype=torch.float)
-    q = torch.quantile(h, torch.tensor([0.25, 0.5, 0.75]))
+    q = quartiles(hits)
     fmt = lambda v: f">{iters}" if v > iters else f"{v:.0f}"
     return f"{fmt(q[1])} [{fmt(q[0])}-{fmt(q[2])}]"
 
@@ -153,7 +157,7 @@ def plot(rows, curves, iters, path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     tv = [r["tv"] for r in rows]
     for algo, color in (("grpo", "tab:blue"), ("vspo", "tab:orange")):
-        q = [torch.quantile(torch.tensor(r[algo], dtype=torch.float), torch.tensor([0.25, 0.5, 0.75])) for r in rows]
+        q = [quartiles(r[algo]) for r in rows]
         ax1.plot(tv, [x[1] for x in q], "o-", color=color, label=algo.upper())
         ax1.fill_between(tv, [x[0] for x in q], [x[2] for x in q], color=color, alpha=0.2)
     ax1.set_xlabel("misalignment: TV(steered at top intensity, pi_0(. | behaviour))")

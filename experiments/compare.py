@@ -85,9 +85,9 @@ def print_tables(diag, results, args):
     print("| algo | behaviour before | behaviour after | accuracy before | accuracy after | length before | length after | minutes per run |")
     print("|---|---|---|---|---|---|---|---|")
     for algo, (runs, minutes) in results.items():
-        m = lambda key, i: sum(r[i][1][key] for r in runs) / len(runs)
-        print(f"| {algo} | {m('behavior', 0):.2f} | {m('behavior', -1):.2f} | {m('accuracy', 0):.2f} | {m('accuracy', -1):.2f} | "
-              f"{m('length', 0):.0f} | {m('length', -1):.0f} | {sum(minutes) / len(minutes):.0f} |")
+        (_, beh), (_, acc), (_, length) = (mean_curve(runs, key) for key in ("behavior", "accuracy", "length"))
+        print(f"| {algo} | {beh[0]:.2f} | {beh[-1]:.2f} | {acc[0]:.2f} | {acc[-1]:.2f} | "
+              f"{length[0]:.0f} | {length[-1]:.0f} | {sum(minutes) / len(minutes):.0f} |")
 
 
 def plot(diag, results, path):
