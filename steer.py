@@ -17,6 +17,7 @@ behaviour by adding a file.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -172,6 +173,13 @@ def load_vectors(path):
     return vectors, info
 
 
+def definition_hash(behavior):
+    """A fingerprint of what the vectors are extracted from (the instructions and questions), so that
+    editing a behaviour's file invalidates the vectors saved for it."""
+    text = json.dumps([behavior["positive"], behavior["negative"], behavior["questions"]])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def vector_path(model_path, behavior):
     return os.path.join(VECTOR_DIR, os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL)), f"{behavior}.safetensors")
 
@@ -180,19 +188,21 @@ def load_or_extract_all(model, tok, behavior_name, model_path=None):
     """Every layer's vector for this behaviour and model -> ({layer: SteeringVector}, metadata, file path).
     Read from the file when it exists; otherwise extracted once and saved, with the behaviour's defaults."""
     path = vector_path(model_path, behavior_name)
+    behavior = load_behavior(behavior_name)
     if os.path.isfile(path):
         vectors, info = load_vectors(path)
         if info.get("hidden_size") != model.config.n_embd:
             raise ValueError(f"{path}: vectors of size {info.get('hidden_size')} do not fit this model ({model.config.n_embd}); delete the file")
-        return vectors, info, path
-    behavior = load_behavior(behavior_name)
+        if info.get("definition") == definition_hash(behavior):
+            return vectors, info, path
+        print(f"{path}: data/behaviors/{behavior_name}.json changed since these vectors were extracted; extracting again")
     vectors = extract(model, tok, contrastive_pairs(behavior), range(model.config.n_layer))
     default = min(behavior["layer"], model.config.n_layer - 1)
     for sv in vectors.values():
         sv.intensity = behavior["intensity"]
     info = {"behavior": behavior_name, "model": os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL)),
-            "hidden_size": model.config.n_embd, "chosen_by": "data/behaviors default", "chosen_layer": default,
-            "intensity": behavior["intensity"]}
+            "hidden_size": model.config.n_embd, "definition": definition_hash(behavior),
+            "chosen_by": "data/behaviors default", "chosen_layer": default, "intensity": behavior["intensity"]}
     save_vectors(path, vectors, default, info)
     return vectors, info, path
 
@@ -279,8 +289,8 @@ def main():
     parser.add_argument("--intensities", default="0.25,0.5,0.75,1.0")
     parser.add_argument("--questions", type=int, default=16, help="held-out problems per setting")
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.5)
     parser.add_argument("--steer-prompt", choices=["yes", "no"], default="yes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")

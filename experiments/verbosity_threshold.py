@@ -40,7 +40,7 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=320)
     p.add_argument("--min-tokens", default="80,100,120,140,160")
     p.add_argument("--budgets", default="200,256,320", help="max_new_tokens values to read off")
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     model, tok = load_model_and_tokenizer(args.model)

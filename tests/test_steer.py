@@ -110,3 +110,22 @@ def test_sweep_runs_and_choose_prefers_coherent_settings(tiny, capsys):
     same_but_stronger = dict(good, intensity=0.75)
     assert steer.choose(base, [good, better_but_broken, runaway, same_but_stronger]) is good
     assert steer.choose(base, [better_but_broken]) is None
+
+
+def test_vectors_are_extracted_again_when_the_behaviour_changes(synthetic, capsys):
+    import json
+
+    from model import Transformer
+    from tokenizer import Tokenizer
+
+    model_path, _, tmp = synthetic
+    model, tok = Transformer.from_pretrained(model_path), Tokenizer.from_pretrained(model_path)
+    planted, _, path = steer.load_or_extract_all(model, tok, "synthetic", model_path)
+    assert sorted(planted) == [3]  # the saved file matches the behaviour: read, not extracted
+    edited = dict(steer.load_behavior("synthetic"), positive="Say QQQ, loudly.")
+    (tmp / "behaviors" / "synthetic.json").write_text(json.dumps(edited))
+    fresh, info, _ = steer.load_or_extract_all(model, tok, "synthetic", model_path)
+    assert sorted(fresh) == list(range(model.config.n_layer)) and "changed" in capsys.readouterr().out
+    assert info["definition"] == steer.definition_hash(edited)
+    again, _, _ = steer.load_or_extract_all(model, tok, "synthetic", model_path)
+    assert all(torch.equal(again[l].vector, fresh[l].vector) for l in fresh)

@@ -25,7 +25,7 @@ def test_vspo_teaches_the_unsteered_model_what_grpo_cannot_find(synthetic):
     before, vspo_after = run(synthetic, "vspo", tmp / "vspo")
     _, grpo_after = run(synthetic, "grpo", tmp / "grpo")
     log = [json.loads(l) for l in open(tmp / "vspo" / "log.jsonl")]
-    assert before["behavior"] <= 0.1  # rare for the unsteered model
+    assert before["behavior"] <= 0.2  # rare for the unsteered model (about 5% over 1200 samples; here 12)
     assert log[0]["behavior_by_coeff"]["40"] > log[0]["behavior_by_coeff"]["0"]  # common under steering
     assert vspo_after["behavior"] >= before["behavior"] + 0.3
     assert vspo_after["behavior"] > grpo_after["behavior"] + 0.2
@@ -100,6 +100,7 @@ def test_chunked_logprobs_equal_the_full_computation(tiny_chat_model):
     want = full.gather(-1, r.tokens[rows, P:, None]).squeeze(-1) * r.completion_mask[rows, P:]
     want.sum().backward()
     assert (logp - want).abs().max().item() <= 1e-5
-    assert torch.allclose(chunked_grad, model.layers[0].attn.wq.weight.grad, atol=1e-6)
+    # fp32 sums in a different order: 3e-6 apart on gradients up to ~5 here
+    assert torch.allclose(chunked_grad, model.layers[0].attn.wq.weight.grad, atol=1e-5)
     want_ent = -(full.exp() * full).sum(-1) * r.completion_mask[rows, P:]
     assert (ent - want_ent).abs().max().item() <= 1e-4
