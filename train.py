@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float, default=1.0, help="behaviour weight in the reward: accuracy + lam * behaviour")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient to the initial model (0: no reference copy)")
-    p.add_argument("--aggregation", default="seq_mean", choices=vspo.AGGREGATIONS)
+    p.add_argument("--aggregation", default="fixed", choices=vspo.AGGREGATIONS,
+                   help="loss averaging; fixed (Dr. GRPO) because seq_mean's length bias drove answers into the token budget (README)")
     p.add_argument("--advantage", default="std", choices=["std", "none"])
     p.add_argument("--updates-per-batch", type=int, default=1, help="optimizer steps on each batch of rollouts (GRPO's mu)")
     p.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward")
