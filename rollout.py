@@ -70,6 +70,9 @@ class Rollouts:
                 for i, (n, why) in enumerate(zip(self.completion_lens.tolist(), self.finish_reasons))]
 
 
+SAMPLE_BLOCK = 1024  # tokens per block of the two-level inverse CDF in sample_token
+
+
 def sample_token(logits, temperature, top_k, top_p, generator):
     """(B, V) logits -> sampled ids (B,) and their log-probs under the distribution actually sampled from:
     tempered, then truncated by top-k and top-p, renormalised. Greedy when temperature is 0
@@ -88,18 +91,35 @@ def sample_token(logits, temperature, top_k, top_p, generator):
         mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    logp = F.log_softmax(logits, -1)
     # Inverse-CDF sampling: one uniform per row, the first token whose cumulative probability exceeds it.
     # torch.multinomial draws one exponential per vocabulary entry instead, which at 32 rows x 49k
-    # tokens was a fifth of a decode step here. The cumulative sum is kept in float64 so that even
-    # the rarest token keeps its own probability; a token of probability 0 (cut by top-k/top-p) has
-    # an empty interval and can never be drawn.
-    cdf = logp.exp().cumsum(-1, dtype=torch.float64)  # (B, V)
-    total = cdf[:, -1:]
-    u = torch.rand(total.shape, dtype=torch.float64, device=logits.device, generator=generator) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
-    ids = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-    return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
+    # tokens was a fifth of a decode step here. It is two-level, so that only one block of each row is
+    # summed cumulatively: first find the block of SAMPLE_BLOCK tokens holding u, then the token in it.
+    # The cumulative sums are float64, so that even the rarest token keeps its own interval; the
+    # probabilities and block sums are fp32 (casting whole rows to float64 cost more than the rest of the
+    # sampler), and one fused softmax makes them in a single pass over the row. A token of probability 0
+    # (cut by top-k/top-p, or padding) has an empty interval and is never drawn.
+    B, V = logits.shape
+    probs = logits.softmax(-1)  # (B, V)
+    if V % SAMPLE_BLOCK:
+        probs = F.pad(probs, (0, -V % SAMPLE_BLOCK))
+    blocks = probs.view(B, -1, SAMPLE_BLOCK)  # (B, nb, SAMPLE_BLOCK)
+    block_cdf = blocks.sum(-1).double().cumsum(-1)  # (B, nb)
+    total = block_cdf[:, -1:]  # (B, 1), 1 up to rounding: sampling renormalises by it
+    u = torch.rand(B, 1, dtype=torch.float64, device=logits.device, generator=generator) * total
+    u = torch.minimum(u, below(total))  # u < total even after rounding
+    block = torch.searchsorted(block_cdf, u, right=True)  # (B, 1): the first block whose cdf exceeds u
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)  # mass of earlier blocks, <= u
+    cdf = blocks[torch.arange(B, device=logits.device), block.squeeze(-1)].cumsum(-1, dtype=torch.float64)  # (B, SAMPLE_BLOCK)
+    u = torch.minimum(u - before, below(cdf[:, -1:]))  # the block's own sum may round differently from block_cdf
+    ids = (block * SAMPLE_BLOCK + torch.searchsorted(cdf, u, right=True)).squeeze(-1)
+    logp = (probs.gather(-1, ids[:, None]).double() / total).log().float()
+    return ids, logp.squeeze(-1)
+
+
+def below(x):
+    """The largest float below x (same dtype)."""
+    return torch.nextafter(x, torch.zeros_like(x))
 
 
 def left_pad(seqs, device):
@@ -167,25 +187,26 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     stopped = torch.zeros(N, dtype=torch.bool, device=device)
     active = torch.arange(N, device=device)  # the output row of each cache row
     alive = torch.ones(N, dtype=torch.bool, device=device)  # cache rows that have not stopped yet
-    for t in range(max_new_tokens):
-        ids, logp = sample_token(logits, temperature, top_k, top_p, generator)
-        rows = active[alive]
-        out_tokens[rows, t], out_logp[rows, t] = ids[alive], logp[alive]
-        hit = alive & torch.isin(ids, stop)
-        lengths[active[hit]], stopped[active[hit]] = t + 1, True
-        alive = alive & ~hit
-        if t == max_new_tokens - 1 or not bool(alive.any()):
-            break
-        if (~alive).sum() >= max(1, compact_fraction * len(alive)):  # drop finished rows from the batch
-            keep = alive.nonzero().squeeze(1)
-            cache.select(keep)
-            active, ids, next_pos, alive = active[keep], ids[keep], next_pos[keep], alive[keep]
-        mask = None
-        if padded:  # the prompt's padding, then every generated column is real for the rows still alive
-            mask = torch.cat([prompt_mask[active], torch.ones(len(active), t + 1, dtype=torch.bool, device=device)], 1)
-        steer = Steer(vector, layer, coeffs[active]) if steering else None
-        logits = model(ids[:, None], positions=next_pos[:, None], padding_mask=mask, kv_cache=cache, steer=steer)[:, -1]
-        next_pos = next_pos + 1
+    with model.prepacked():  # decode steps multiply few rows: reorder the weights once, not per step
+        for t in range(max_new_tokens):
+            ids, logp = sample_token(logits, temperature, top_k, top_p, generator)
+            rows = active[alive]
+            out_tokens[rows, t], out_logp[rows, t] = ids[alive], logp[alive]
+            hit = alive & torch.isin(ids, stop)
+            lengths[active[hit]], stopped[active[hit]] = t + 1, True
+            alive = alive & ~hit
+            if t == max_new_tokens - 1 or not bool(alive.any()):
+                break
+            if (~alive).sum() >= max(1, compact_fraction * len(alive)):  # drop finished rows from the batch
+                keep = alive.nonzero().squeeze(1)
+                cache.select(keep)
+                active, ids, next_pos, alive = active[keep], ids[keep], next_pos[keep], alive[keep]
+            mask = None
+            if padded:  # the prompt's padding, then every generated column is real for the rows still alive
+                mask = torch.cat([prompt_mask[active], torch.ones(len(active), t + 1, dtype=torch.bool, device=device)], 1)
+            steer = Steer(vector, layer, coeffs[active]) if steering else None
+            logits = model(ids[:, None], positions=next_pos[:, None], padding_mask=mask, kv_cache=cache, steer=steer)[:, -1]
+            next_pos = next_pos + 1
 
     G = int(lengths.max())
     cols = torch.arange(G, device=device)

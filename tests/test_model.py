@@ -1,12 +1,13 @@
 import json
 import os
 import shutil
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from conftest import VOCAB, write_hf_checkpoint
-from model import CheckpointError, KVCache, Steer, Transformer
+from model import CheckpointError, KVCache, Linear, Steer, Transformer
 
 KINDS = ("gpt2", "llama", "qwen2", "mistral")
 
@@ -104,14 +105,25 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_checkpoints, kind):
             assert (out[i, T - len(p):] - alone[0]).abs().max().item() <= 1e-5
 
 
+def packed(model):
+    """How many Linear layers hold a prepacked weight, out of how many."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    return sum(m.packed is not None for m in linears), len(linears)
+
+
+@pytest.mark.parametrize("prepack", [False, True], ids=["plain", "prepacked"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_kv_cache_decoding_equals_full_forward(tiny_checkpoints, kind):
+def test_kv_cache_decoding_equals_full_forward(tiny_checkpoints, kind, prepack):
+    """Also with prepacked weights, as in the sampler's decode loop (gpt2 and qwen2 carry biases)."""
     model = Transformer.from_pretrained(tiny_checkpoints[kind][0])
     x = tokens(2, 16)
     with torch.no_grad():
         full = model(x)
-        cache = KVCache(model.config, batch_size=2, max_len=16)
-        steps = [model(x[:, :10], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache) for t in range(10, 16)]
+        with model.prepacked() if prepack else nullcontext():
+            n_packed, n_linear = packed(model)
+            assert n_packed == (n_linear if prepack else 0)
+            cache = KVCache(model.config, batch_size=2, max_len=16)
+            steps = [model(x[:, :10], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache) for t in range(10, 16)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
     assert cache.pos == 16
 
@@ -121,6 +133,43 @@ def test_kv_cache_overflow_is_an_error(tiny_checkpoints):
     cache = KVCache(model.config, batch_size=1, max_len=4)
     with pytest.raises(ValueError, match="KV cache is full"):
         model(tokens(1, 5), kv_cache=cache)
+
+
+# -----------------------------------------------------------------------------
+# prepacked weights (the sampler's decode loop; see also the KV cache test above)
+
+
+def test_prepacked_copies_are_dropped_and_never_stale(tiny_checkpoints):
+    model = Transformer.from_pretrained(tiny_checkpoints["llama"][0])
+    x = tokens(2, 6)
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), model.prepacked():
+        raise RuntimeError("boom")
+    assert packed(model)[0] == 0  # dropped even when the block raised
+    with torch.no_grad():
+        with model.prepacked():
+            before = model(x)
+        assert packed(model)[0] == 0
+        model.layers[0].mlp.w_down.weight.mul_(2.0)  # an optimizer step between two sampling blocks
+        with model.prepacked():
+            after = model(x)
+        assert not torch.allclose(before, after)
+        assert (after - model(x)).abs().max().item() <= 1e-5  # the packed path sees the new weights
+
+
+def test_prepacked_keeps_gradients_and_autocast_working(tiny_checkpoints):
+    """With grad enabled the packed copies (detached) are bypassed; under autocast nothing is packed."""
+    model = Transformer.from_pretrained(tiny_checkpoints["qwen2"][0])
+    x = tokens(2, 6)
+    model(x).sum().backward()
+    want = model.layers[0].attn.wq.weight.grad.clone()
+    model.zero_grad()
+    with model.prepacked():
+        model(x).sum().backward()
+    assert torch.allclose(model.layers[0].attn.wq.weight.grad, want, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), model.prepacked():
+        assert packed(model)[0] == 0
+        out = model(x)
+    assert out.dtype == torch.bfloat16
 
 
 # -----------------------------------------------------------------------------

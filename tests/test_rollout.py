@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from model import Steer, Transformer
+import rollout
 from rollout import generate, sample_token
 from tokenizer import Tokenizer
 
@@ -82,23 +83,28 @@ def test_logprobs_equal_a_full_forward_pass(tiny, top_k, top_p):
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.7)])
-def test_sampled_frequencies_match_the_distribution(top_k, top_p):
+def test_sampled_frequencies_match_the_distribution(top_k, top_p, monkeypatch):
     """Inverse-CDF sampling draws each token with its probability (tempered, truncated), and never a
-    token that top-k/top-p cut: 400k draws (100 calls on 4000 rows) from a 6-token vocabulary."""
-    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -4.0]]).repeat(4000, 1)
+    token that top-k/top-p cut: 400k draws (100 calls on 4000 rows). Six tokens carry the mass, at
+    the edges of sample_token's blocks (4 tokens here) in a vocabulary of 2.5 blocks, the last one padded."""
+    monkeypatch.setattr(rollout, "SAMPLE_BLOCK", 4)
+    V, where = 10, torch.tensor([0, 3, 4, 7, 8, 9])
+    six = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -4.0])
+    logits = torch.full((4000, V), -30.0).index_copy(1, where, six.repeat(4000, 1))  # the rest: probability < 1e-16 each
     T, draws = 0.8, 100
     g = torch.Generator().manual_seed(0)
-    counts = torch.zeros(6)
+    counts = torch.zeros(V)
     for _ in range(draws):
         ids, logp = sample_token(logits, T, top_k, top_p, g)
-        counts += torch.bincount(ids, minlength=6)
+        counts += torch.bincount(ids, minlength=V)
     freq = counts / counts.sum()
     scaled = logits[0] / T
     if top_k:
         scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[-1], float("-inf"))
     if top_p < 1:
         p = scaled.softmax(-1)
-        scaled = scaled.masked_fill(p.cumsum(-1) - p >= top_p, float("-inf"))  # logits are sorted already
+        sp, order = p.sort(descending=True)
+        scaled = scaled.masked_fill(torch.zeros(V, dtype=torch.bool).scatter(0, order, sp.cumsum(-1) - sp >= top_p), float("-inf"))
     want = scaled.softmax(-1)
     assert (freq - want).abs().sum() / 2 < 0.005  # total variation; its sampling noise here is ~0.001
     assert torch.all(freq[want == 0] == 0)
