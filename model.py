@@ -121,12 +121,28 @@ class Config:
 
 class Linear(nn.Linear):
     """nn.Linear, plus an inference-only copy of the weight prepacked for oneDNN (see `Transformer.prepacked`)."""
-    packed = None
+    packed = None  # the prepacked copy
+    packed_from = None  # (the weight it was made from, that weight's version counter then)
+    use_packed = False  # set inside `Transformer.prepacked`
 
     def forward(self, x):
-        if self.packed is None or torch.is_grad_enabled():  # the packed copy is detached: never differentiate through it
+        if not self.use_packed or torch.is_grad_enabled():  # the packed copy is detached: never differentiate through it
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def pack(self):
+        """Make the packed copy, unless the one we have was made from this very weight, unchanged since:
+        the same storage (kept alive by `packed_from`, so its address cannot be reused) and the same
+        version counter, which every in-place write (an optimizer step, load_state_dict) increments."""
+        w = self.weight
+        if self.packed_from is None or self.packed_from[0].data_ptr() != w.data_ptr() or self.packed_from[1] != w._version:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            self.packed_from = (w.detach(), w._version)
+
+    def __getstate__(self):
+        # the packed copy is a cache of the weight (and oneDNN's tensors cannot be copied): copies of the
+        # model (copy.deepcopy, as for a frozen reference policy) leave it behind and pack their own
+        return {k: v for k, v in super().__getstate__().items() if k not in ("packed", "packed_from", "use_packed")}
 
 
 class RMSNorm(nn.Module):
@@ -137,10 +153,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 and cast back before the gain, as the reference Llama does,
-        # so that bf16 runs round the same way as transformers
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # so that bf16 runs round the same way as transformers (torch's rms_norm is one kernel
+        # where x * rsqrt(mean(x^2) + eps) written out is five, and gives the same bits)
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
 def rope_frequencies(config):
@@ -173,19 +188,20 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.wq = Linear(config.n_embd, config.n_head * config.head_dim, bias=config.qkv_bias)
-        self.wk = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
-        self.wv = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
+        # q, k and v in one matmul, as GPT-2's c_attn (the loader concatenates Llama's q_proj, k_proj, v_proj):
+        # at decoding's few rows, one call reads the same weights as three for less overhead
+        self.wqkv = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.qkv_bias)
         self.wo = Linear(config.n_head * config.head_dim, config.n_embd, bias=config.o_bias)
 
     def forward(self, x, rope, mask, kv_cache):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        H, Hkv = self.n_head, self.n_kv_head
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2 Hkv, D): q, k, v heads side by side
+        qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
         if rope is not None:
-            cos, sin = rope  # (B, 1, T, D)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, *rope)  # q and k heads rotated in one go; cos, sin: (B, T, 1, D)
+        q, k = qk.split([H, Hkv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
         # keys and values stay unrepeated (Hkv heads); SDPA shares each across its group of query heads
@@ -204,15 +220,15 @@ class MLP(nn.Module):
         C, H, bias = config.n_embd, config.intermediate_size, config.mlp_bias
         if self.gpt2:
             self.w_fc = Linear(C, H, bias=bias)
-        else:  # SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))
-            self.w_gate = Linear(C, H, bias=bias)
-            self.w_up = Linear(C, H, bias=bias)
+        else:  # SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)), gate and up in one matmul
+            self.w_gate_up = Linear(C, 2 * H, bias=bias)
         self.w_down = Linear(H, C, bias=bias)
 
     def forward(self, x):
         if self.gpt2:
             return self.w_down(F.gelu(self.w_fc(x), approximate="tanh"))
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -270,10 +286,16 @@ class KVCache:
     def max_len(self):
         return self.k.size(3)
 
-    def select(self, rows):
-        """Keep, reorder or repeat batch rows (an index tensor): copies a prefilled prompt to its
-        n samples, and drops finished rows from the active batch."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+    def select(self, rows, max_len=None):
+        """Keep, reorder or repeat batch rows (an index tensor), in a cache of max_len slots (default: as
+        now): copies a prefilled prompt to its n samples with room to decode, and drops finished rows
+        from the active batch. Only the filled slots are copied. The rest is zeroed, though never read
+        before `update` writes it: zeroing faults the new memory in at once, where leaving it empty let
+        every decode step fault in pages one at a time, 4 ms per step at 32 rows here."""
+        shape = (self.k.size(0), len(rows), self.k.size(2), max_len or self.max_len, self.k.size(4))
+        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        k[:, :, :, :self.pos], v[:, :, :, :self.pos] = self.k[:, rows, :, :self.pos], self.v[:, rows, :, :self.pos]
+        self.k, self.v = k, v
 
     def update(self, layer, k, v):
         T = k.size(2)
@@ -307,7 +329,7 @@ class Transformer(nn.Module):
     def _rope(self, positions, dtype):
         # computed in fp32 from absolute positions, so left-padded rows and cached decoding rotate correctly
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, D)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # (B, T, 1, D): the same rotation for every head
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def _attention_mask(self, B, T, S, padding_mask, device):
@@ -371,13 +393,16 @@ class Transformer(nn.Module):
     @contextmanager
     def prepacked(self):
         """Inside this block, no-grad fp32 forward passes on the CPU multiply with copies of the weights
-        reordered once, up front, into oneDNN's blocked layout. A plain matmul repacks its weight into
-        such panels at every call, and with decoding's few rows that repacking is a large share of the
-        call: a decode step's matmuls run 1.3-1.7x faster here at 1-32 rows (benchmarks/gemm.py), for
-        0.2 s of packing per block and a second copy of the weights while it lasts (at a prefill's 800
-        rows the packed layers are 10% slower: it is for decoding). The copies are
-        dropped on exit, so an optimizer step between two blocks is never multiplied with stale weights.
-        Elsewhere (GPU, bf16 weights or autocast, no oneDNN) it changes nothing."""
+        reordered into oneDNN's blocked layout. A plain matmul repacks its weight into such panels at
+        every call, and with decoding's few rows that repacking is a large share of the call: a decode
+        step's matmuls at 8-32 rows run 1.1-1.3x faster here (benchmarks/gemm.py; at a prefill's 800 rows
+        the plain path is as fast, so it is for decoding). Packing all weights takes 0.1-0.8 s, mostly
+        faulting in 543 MB of fresh memory, so the copies outlive the block and are remade only for
+        weights that changed since (`Linear.pack`): after a training step that updates the last 10
+        blocks, 20 of 30 blocks and the vocabulary projection are reused. The price is a second copy of
+        the weights kept in memory. Elsewhere (GPU, bf16 weights or autocast, no oneDNN) it changes nothing.
+        (Writes through `.data` bypass the version counter and are not seen: change weights in place
+        under torch.no_grad(), as optimizers do.)"""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         weight = self.lm_head.weight
         if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -386,11 +411,12 @@ class Transformer(nn.Module):
             return
         try:
             for m in linears:
-                m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
+                m.pack()
+                m.use_packed = True
             yield
         finally:
             for m in linears:
-                m.packed = None
+                m.use_packed = False
 
     # -------------------------------------------------------------------------
     # Checkpoint I/O
@@ -447,52 +473,59 @@ class Transformer(nn.Module):
 
 
 def _name_pairs(config):
-    """(our name, HF name, transposed?) for every tensor that maps one to one."""
+    """(our name, HF names, transposed?) for every tensor. Where HF keeps several tensors that we fuse
+    (Llama's q/k/v projections, its gate/up projections), ours is their concatenation along the
+    output dimension, in the order listed."""
     pairs = []
     for i in range(config.n_layer):
         q = f"layers.{i}."
         if config.is_gpt2:
             p = f"transformer.h.{i}."
             for w in ("weight", "bias"):
-                pairs += [(f"{q}attn_norm.{w}", f"{p}ln_1.{w}", False), (f"{q}mlp_norm.{w}", f"{p}ln_2.{w}", False)]
-            for ours, theirs in (("attn.wo", "attn.c_proj"), ("mlp.w_fc", "mlp.c_fc"), ("mlp.w_down", "mlp.c_proj")):
+                pairs += [(f"{q}attn_norm.{w}", (f"{p}ln_1.{w}",), False), (f"{q}mlp_norm.{w}", (f"{p}ln_2.{w}",), False)]
+            for ours, theirs in (("attn.wqkv", "attn.c_attn"), ("attn.wo", "attn.c_proj"), ("mlp.w_fc", "mlp.c_fc"), ("mlp.w_down", "mlp.c_proj")):
                 # GPT-2's Conv1D computes x @ W + b with W stored (in, out): the transpose of nn.Linear
-                pairs += [(f"{q}{ours}.weight", f"{p}{theirs}.weight", True), (f"{q}{ours}.bias", f"{p}{theirs}.bias", False)]
+                pairs += [(f"{q}{ours}.weight", (f"{p}{theirs}.weight",), True), (f"{q}{ours}.bias", (f"{p}{theirs}.bias",), False)]
             continue
         p = f"model.layers.{i}."
-        pairs += [(f"{q}attn_norm.weight", f"{p}input_layernorm.weight", False),
-                  (f"{q}mlp_norm.weight", f"{p}post_attention_layernorm.weight", False)]
-        for ours, theirs in (("attn.wq", "self_attn.q_proj"), ("attn.wk", "self_attn.k_proj"), ("attn.wv", "self_attn.v_proj"),
-                             ("attn.wo", "self_attn.o_proj"), ("mlp.w_gate", "mlp.gate_proj"), ("mlp.w_up", "mlp.up_proj"),
-                             ("mlp.w_down", "mlp.down_proj")):
-            pairs += [(f"{q}{ours}.weight", f"{p}{theirs}.weight", False), (f"{q}{ours}.bias", f"{p}{theirs}.bias", False)]
+        pairs += [(f"{q}attn_norm.weight", (f"{p}input_layernorm.weight",), False),
+                  (f"{q}mlp_norm.weight", (f"{p}post_attention_layernorm.weight",), False)]
+        for ours, theirs in (("attn.wqkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("attn.wo", ("self_attn.o_proj",)),
+                             ("mlp.w_gate_up", ("mlp.gate_proj", "mlp.up_proj")), ("mlp.w_down", ("mlp.down_proj",))):
+            pairs += [(f"{q}{ours}.{w}", tuple(f"{p}{t}.{w}" for t in theirs), False) for w in ("weight", "bias")]
     if config.is_gpt2:
-        return pairs + [("tok_emb.weight", "transformer.wte.weight", False), ("pos_emb.weight", "transformer.wpe.weight", False),
-                        ("norm.weight", "transformer.ln_f.weight", False), ("norm.bias", "transformer.ln_f.bias", False)]
-    pairs += [("tok_emb.weight", "model.embed_tokens.weight", False), ("norm.weight", "model.norm.weight", False)]
+        return pairs + [("tok_emb.weight", ("transformer.wte.weight",), False), ("pos_emb.weight", ("transformer.wpe.weight",), False),
+                        ("norm.weight", ("transformer.ln_f.weight",), False), ("norm.bias", ("transformer.ln_f.bias",), False)]
+    pairs += [("tok_emb.weight", ("model.embed_tokens.weight",), False), ("norm.weight", ("model.norm.weight",), False)]
     if not config.tie_embeddings:
-        pairs.append(("lm_head.weight", "lm_head.weight", False))
+        pairs.append(("lm_head.weight", ("lm_head.weight",), False))
     return pairs
+
+
+def _split_sizes(config, hf_names):
+    """Rows of each HF tensor inside one of our fused ones."""
+    rows = {"q_proj": config.n_head * config.head_dim, "k_proj": config.n_kv_head * config.head_dim,
+            "v_proj": config.n_kv_head * config.head_dim, "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size}
+    return [rows[name.split(".")[-2]] for name in hf_names]
 
 
 def to_hf_state(config, state):
     """Our state dict -> HF tensor names and layouts. Biases a config lacks are simply absent from `state`."""
-    out = {theirs: state[ours].t() if t else state[ours] for ours, theirs, t in _name_pairs(config) if ours in state}
-    for i in range(config.n_layer if config.is_gpt2 else 0):  # GPT-2 fuses q, k, v into one Conv1D
-        p, q = f"transformer.h.{i}.attn.", f"layers.{i}.attn."
-        out[p + "c_attn.weight"] = torch.cat([state[f"{q}{w}.weight"].t() for w in ("wq", "wk", "wv")], dim=1)
-        out[p + "c_attn.bias"] = torch.cat([state[f"{q}{w}.bias"] for w in ("wq", "wk", "wv")])
+    out = {}
+    for ours, theirs, transposed in _name_pairs(config):
+        if ours in state:
+            parts = state[ours].split(_split_sizes(config, theirs)) if len(theirs) > 1 else [state[ours]]
+            out.update((name, part.t() if transposed else part) for name, part in zip(theirs, parts))
     return out
 
 
 def from_hf_state(config, hf_state):
     """Inverse of to_hf_state."""
-    out = {ours: hf_state[theirs].t() if t else hf_state[theirs] for ours, theirs, t in _name_pairs(config) if theirs in hf_state}
-    for i in range(config.n_layer if config.is_gpt2 else 0):
-        p, q = f"transformer.h.{i}.attn.", f"layers.{i}.attn."
-        weights, biases = hf_state[p + "c_attn.weight"].chunk(3, dim=1), hf_state[p + "c_attn.bias"].chunk(3)
-        for w, weight, bias in zip(("wq", "wk", "wv"), weights, biases):
-            out[f"{q}{w}.weight"], out[f"{q}{w}.bias"] = weight.t(), bias
+    out = {}
+    for ours, theirs, transposed in _name_pairs(config):
+        if all(name in hf_state for name in theirs):
+            x = torch.cat([hf_state[name] for name in theirs]) if len(theirs) > 1 else hf_state[theirs[0]]
+            out[ours] = x.t() if transposed else x
     return out
 
 

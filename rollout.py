@@ -18,6 +18,7 @@ sweep's perplexity) without ever building a (rows, time, vocab) tensor.
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -76,36 +77,40 @@ SAMPLE_BLOCK = 1024  # tokens per block of the two-level inverse CDF in sample_t
 def sample_token(logits, temperature, top_k, top_p, generator):
     """(B, V) logits -> sampled ids (B,) and their log-probs under the distribution actually sampled from:
     tempered, then truncated by top-k and top-p, renormalised. Greedy when temperature is 0
-    (then the log-probs are those of the untempered distribution)."""
-    logits = logits.float()
+    (then the log-probs are those of the untempered distribution).
+
+    Overwrites `logits` (fp32) with unnormalised probabilities: at 32 rows a vocabulary-sized
+    temporary is 6 MB, and allocating two of them per decode step (the tempered logits and the
+    softmax) made glibc return their pages to the OS and fault them in again, ~4,500 page faults
+    and 5-10 ms per step here, more than the sampling arithmetic itself."""
     if temperature == 0:
         ids = logits.argmax(-1)
-        return ids, F.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
-    logits = logits / temperature
+        return ids, F.log_softmax(logits.float(), -1).gather(-1, ids[:, None]).squeeze(-1)
+    logits = logits.float().div_(temperature)
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits.masked_fill_(logits < kth, float("-inf"))
     if top_p < 1.0:
         # nucleus (Holtzman et al. 2020): the smallest set of tokens whose probability reaches top_p
         sorted_logits, order = logits.sort(-1, descending=True)
         mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        logits.scatter_(-1, order, sorted_logits.masked_fill(mass_before >= top_p, float("-inf")))
     # Inverse-CDF sampling: one uniform per row, the first token whose cumulative probability exceeds it.
     # torch.multinomial draws one exponential per vocabulary entry instead, which at 32 rows x 49k
     # tokens was a fifth of a decode step here. It is two-level, so that only one block of each row is
     # summed cumulatively: first find the block of SAMPLE_BLOCK tokens holding u, then the token in it.
     # The cumulative sums are float64, so that even the rarest token keeps its own interval; the
     # probabilities and block sums are fp32 (casting whole rows to float64 cost more than the rest of the
-    # sampler), and one fused softmax makes them in a single pass over the row. A token of probability 0
-    # (cut by top-k/top-p, or padding) has an empty interval and is never drawn.
+    # sampler). Probabilities are left unnormalised, exp(logit - max), and u is drawn on [0, total): the
+    # same distribution as the softmax without a division pass. A token of probability 0 (cut by
+    # top-k/top-p, or padding) has an empty interval and is never drawn.
     B, V = logits.shape
-    probs = logits.softmax(-1)  # (B, V)
+    weights = logits.sub_(logits.amax(-1, keepdim=True)).exp_()  # (B, V), in place
     if V % SAMPLE_BLOCK:
-        probs = F.pad(probs, (0, -V % SAMPLE_BLOCK))
-    blocks = probs.view(B, -1, SAMPLE_BLOCK)  # (B, nb, SAMPLE_BLOCK)
+        weights = F.pad(weights, (0, -V % SAMPLE_BLOCK))
+    blocks = weights.view(B, -1, SAMPLE_BLOCK)  # (B, nb, SAMPLE_BLOCK)
     block_cdf = blocks.sum(-1).double().cumsum(-1)  # (B, nb)
-    total = block_cdf[:, -1:]  # (B, 1), 1 up to rounding: sampling renormalises by it
+    total = block_cdf[:, -1:]  # (B, 1)
     u = torch.rand(B, 1, dtype=torch.float64, device=logits.device, generator=generator) * total
     u = torch.minimum(u, below(total))  # u < total even after rounding
     block = torch.searchsorted(block_cdf, u, right=True)  # (B, 1): the first block whose cdf exceeds u
@@ -113,7 +118,7 @@ def sample_token(logits, temperature, top_k, top_p, generator):
     cdf = blocks[torch.arange(B, device=logits.device), block.squeeze(-1)].cumsum(-1, dtype=torch.float64)  # (B, SAMPLE_BLOCK)
     u = torch.minimum(u - before, below(cdf[:, -1:]))  # the block's own sum may round differently from block_cdf
     ids = (block * SAMPLE_BLOCK + torch.searchsorted(cdf, u, right=True)).squeeze(-1)
-    logp = (probs.gather(-1, ids[:, None]).double() / total).log().float()
+    logp = (weights.gather(-1, ids[:, None]).double() / total).log().float()
     return ids, logp.squeeze(-1)
 
 
@@ -170,11 +175,11 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     row_to_prefix = torch.tensor([unique.index(k) for k in keys], device=device)
     tokens, positions, pmask = left_pad([prompts[i] for i, _ in unique], device)
     padded = not bool(pmask.all())
-    cache = KVCache(model.config, len(unique), P + max_new_tokens, device=device, dtype=next(model.parameters()).dtype)
+    cache = KVCache(model.config, len(unique), P, device=device, dtype=next(model.parameters()).dtype)
     steer = Steer(vector, layer, torch.tensor([c for _, c in unique], device=device)) if steering and steer_prompt else None
     h, _ = model.hidden(tokens, positions=positions, padding_mask=pmask if padded else None, kv_cache=cache, steer=steer)
     logits = model.lm_head(h[:, -1])  # only the last position: the vocabulary projection is the costliest matmul
-    cache.select(row_to_prefix)
+    cache.select(row_to_prefix, P + max_new_tokens)
     logits = logits[row_to_prefix]  # (N, V)
     prompt_mask = pmask[row_to_prefix]  # (N, P)
     next_pos = positions[row_to_prefix, -1] + 1  # (N,)
@@ -187,7 +192,10 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     stopped = torch.zeros(N, dtype=torch.bool, device=device)
     active = torch.arange(N, device=device)  # the output row of each cache row
     alive = torch.ones(N, dtype=torch.bool, device=device)  # cache rows that have not stopped yet
-    with model.prepacked():  # decode steps multiply few rows: reorder the weights once, not per step
+    # Decode steps multiply few rows, where a weight prepacked once beats repacking it at every call
+    # (model.prepacked). Not at one row: that is a matrix-vector product, bound by reading the weights,
+    # and on this CPU MKL's plain kernel reads them faster than oneDNN's packed one (benchmarks/gemm.py).
+    with model.prepacked() if N > 1 else contextlib.nullcontext():
         for t in range(max_new_tokens):
             ids, logp = sample_token(logits, temperature, top_k, top_p, generator)
             rows = active[alive]

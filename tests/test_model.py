@@ -106,9 +106,9 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_checkpoints, kind):
 
 
 def packed(model):
-    """How many Linear layers hold a prepacked weight, out of how many."""
+    """How many Linear layers multiply with a prepacked weight right now, out of how many."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    return sum(m.packed is not None for m in linears), len(linears)
+    return sum(m.use_packed for m in linears), len(linears)
 
 
 @pytest.mark.parametrize("prepack", [False, True], ids=["plain", "prepacked"])
@@ -139,21 +139,44 @@ def test_kv_cache_overflow_is_an_error(tiny_checkpoints):
 # prepacked weights (the sampler's decode loop; see also the KV cache test above)
 
 
-def test_prepacked_copies_are_dropped_and_never_stale(tiny_checkpoints):
+def test_prepacked_is_off_after_the_block_and_never_stale(tiny_checkpoints):
     model = Transformer.from_pretrained(tiny_checkpoints["llama"][0])
     x = tokens(2, 6)
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), model.prepacked():
         raise RuntimeError("boom")
-    assert packed(model)[0] == 0  # dropped even when the block raised
+    assert packed(model)[0] == 0  # off even when the block raised
+    optimizer = torch.optim.AdamW([model.layers[0].mlp.w_down.weight], lr=0.1)
     with torch.no_grad():
         with model.prepacked():
             before = model(x)
         assert packed(model)[0] == 0
-        model.layers[0].mlp.w_down.weight.mul_(2.0)  # an optimizer step between two sampling blocks
+    kept = {name: m.packed for name, m in model.named_modules() if isinstance(m, Linear)}
+    model(x).sum().backward()
+    optimizer.step()  # a training step between two sampling blocks
+    with torch.no_grad():
         with model.prepacked():
             after = model(x)
+            repacked = {name for name, m in model.named_modules() if isinstance(m, Linear) and m.packed is not kept[name]}
+        assert repacked == {"layers.0.mlp.w_down"}  # only the weight that changed is packed again
         assert not torch.allclose(before, after)
         assert (after - model(x)).abs().max().item() <= 1e-5  # the packed path sees the new weights
+        model.layers[1].attn.wo.weight.data = torch.randn_like(model.layers[1].attn.wo.weight)  # new storage, same version
+        with model.prepacked():
+            assert (model(x) - after).abs().max().item() > 1e-3
+            assert model.layers[1].attn.wo.packed is not kept["layers.1.attn.wo"]
+
+
+def test_model_with_packed_weights_can_be_deep_copied(tiny_checkpoints):
+    import copy
+
+    model = Transformer.from_pretrained(tiny_checkpoints["llama"][0])
+    x = tokens(2, 6)
+    with torch.no_grad(), model.prepacked():
+        want = model(x)
+    twin = copy.deepcopy(model)  # e.g. the frozen reference policy, made after some sampling
+    assert all(m.packed is None for m in twin.modules() if isinstance(m, Linear))
+    with torch.no_grad(), twin.prepacked():
+        assert torch.equal(twin(x), want)
 
 
 def test_prepacked_keeps_gradients_and_autocast_working(tiny_checkpoints):
@@ -161,11 +184,11 @@ def test_prepacked_keeps_gradients_and_autocast_working(tiny_checkpoints):
     model = Transformer.from_pretrained(tiny_checkpoints["qwen2"][0])
     x = tokens(2, 6)
     model(x).sum().backward()
-    want = model.layers[0].attn.wq.weight.grad.clone()
+    want = model.layers[0].attn.wqkv.weight.grad.clone()
     model.zero_grad()
     with model.prepacked():
         model(x).sum().backward()
-    assert torch.allclose(model.layers[0].attn.wq.weight.grad, want, atol=1e-6)
+    assert torch.allclose(model.layers[0].attn.wqkv.weight.grad, want, atol=1e-6)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), model.prepacked():
         assert packed(model)[0] == 0
         out = model(x)

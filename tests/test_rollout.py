@@ -95,7 +95,7 @@ def test_sampled_frequencies_match_the_distribution(top_k, top_p, monkeypatch):
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(V)
     for _ in range(draws):
-        ids, logp = sample_token(logits, T, top_k, top_p, g)
+        ids, logp = sample_token(logits.clone(), T, top_k, top_p, g)  # it overwrites its input
         counts += torch.bincount(ids, minlength=V)
     freq = counts / counts.sum()
     scaled = logits[0] / T

@@ -93,7 +93,7 @@ def test_chunked_logprobs_equal_the_full_computation(tiny_chat_model):
     rows, T, P = [1, 2, 4, 5], 0.7, r.prompt_width
     logp, ent = completion_logprobs(model, r, rows, T, chunk=5)  # chunks that split rows
     logp.sum().backward()
-    chunked_grad = model.layers[0].attn.wq.weight.grad.clone()
+    chunked_grad = model.layers[0].attn.wqkv.weight.grad.clone()
     model.zero_grad()
     logits = model(r.tokens[rows], positions=r.positions[rows], padding_mask=r.padding_mask[rows])[:, P - 1:-1] / T
     full = torch.log_softmax(logits, -1)
@@ -101,6 +101,6 @@ def test_chunked_logprobs_equal_the_full_computation(tiny_chat_model):
     want.sum().backward()
     assert (logp - want).abs().max().item() <= 1e-5
     # fp32 sums in a different order: 3e-6 apart on gradients up to ~5 here
-    assert torch.allclose(chunked_grad, model.layers[0].attn.wq.weight.grad, atol=1e-5)
+    assert torch.allclose(chunked_grad, model.layers[0].attn.wqkv.weight.grad, atol=1e-5)
     want_ent = -(full.exp() * full).sum(-1) * r.completion_mask[rows, P:]
     assert (ent - want_ent).abs().max().item() <= 1e-4
