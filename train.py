@@ -180,7 +180,11 @@ def load_checkpoint(out, model, optimizer):
 
     saved = Transformer.from_pretrained(path, device=next(model.parameters()).device)
     model.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))  # never unpickle code
+    try:
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))  # never unpickle code
+    except ValueError:  # another number or size of trained tensors
+        raise ValueError(f"{path}/optimizer.pt: saved for other trained parameters (another --train-layers, or an "
+                         f"older version of model.py); resume with the flags of the run, or start anew with another --out") from None
     with open(os.path.join(path, "state.json")) as f:
         return json.load(f)["step"]
 
@@ -245,7 +249,10 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None  # the frozen initial policy
-    start = load_checkpoint(out, model, optimizer) if args.resume else 0
+    try:
+        start = load_checkpoint(out, model, optimizer) if args.resume else 0
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     log_path = os.path.join(out, "log.jsonl")
     if start == 0:
         with open(os.path.join(out, "args.json"), "w") as f:

@@ -84,6 +84,14 @@ def test_bad_input_gives_one_line_errors(synthetic, tmp_path):
     assert "no checkpoint" in error_of(["--behavior", "synthetic", *base, "--resume"])
 
 
+def test_resume_with_other_trained_parameters_is_a_one_line_error(synthetic):
+    model, data, tmp = synthetic
+    run(synthetic, "vspo", tmp / "two_layers", "--steps", "2", "--checkpoint-every", "2", "--train-layers", "2")
+    argv = ["--behavior", "synthetic", "--model", model, "--data", data, "--eval-data", data, "--max-new-tokens", "6",
+            "--out", str(tmp / "two_layers"), "--steps", "4", "--resume", "--train-layers", "1"]
+    assert "optimizer.pt: saved for other trained parameters" in error_of(argv)
+
+
 def test_chunked_logprobs_equal_the_full_computation(tiny_chat_model):
     from rollout import completion_logprobs, generate
 
