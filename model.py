@@ -396,10 +396,10 @@ class Transformer(nn.Module):
         reordered into oneDNN's blocked layout. A plain matmul repacks its weight into such panels at
         every call, and with decoding's few rows that repacking is a large share of the call: a decode
         step's matmuls at 8-32 rows run 1.1-1.3x faster here (benchmarks/gemm.py; at a prefill's 800 rows
-        the plain path is as fast, so it is for decoding). Packing all weights takes 0.4-0.85 s, mostly
-        faulting in 543 MB of fresh memory, so the copies outlive the block and are remade only for
-        weights that changed since (`Linear.pack`): after a training step that updates the last 10
-        blocks, 20 of 30 blocks and the vocabulary projection are reused. The price is a second copy of
+        the plain path is as fast, so it is for decoding). Packing all weights writes 543 MB into fresh
+        memory (benchmarks/sampler.py's "new weights" column pays for it), so the copies outlive the
+        block and are remade only for weights that changed since (`Linear.pack`): after a training step
+        that updates the last 10 blocks, 20 of 30 blocks and the vocabulary projection are reused. The price is a second copy of
         the weights kept in memory. Elsewhere (GPU, bf16 weights or autocast, no oneDNN) it changes nothing.
         (Writes through `.data` bypass the version counter and are not seen: change weights in place
         under torch.no_grad(), as optimizers do.)"""
