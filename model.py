@@ -152,9 +152,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 and cast back before the gain, as the reference Llama does,
-        # so that bf16 runs round the same way as transformers (torch's rms_norm is one kernel
-        # where x * rsqrt(mean(x^2) + eps) written out is five, and gives the same bits)
+        # torch's rms_norm with the gain: x * rsqrt(mean(x^2) + eps) * weight in one call, the same
+        # bits as the reference Llama's code written out
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # in lower precision, normalise in fp32 and cast back before the gain, as the reference Llama
+        # does, so that bf16 runs round the same way as transformers
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
@@ -176,11 +179,12 @@ def rope_frequencies(config):
     return torch.where(is_medium, smoothed, scaled)
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x, cos, signed_sin):
     # HF's "rotate half" layout: dimension i pairs with i + d/2 (not the interleaved pairs of Meta's code),
-    # which is how HF checkpoints store q/k weights, so no permutation is needed on load
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    # which is how HF checkpoints store q/k weights, so no permutation is needed on load.
+    # HF writes x * cos + cat(-x2, x1) * sin; rolling x by d/2 gives cat(x2, x1), and the minus sign sits
+    # in the first half of signed_sin (see Transformer._rope): the same bits in four calls instead of six
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -205,11 +209,14 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
         # keys and values stay unrepeated (Hkv heads); SDPA shares each across its group of query heads
-        gqa = self.n_kv_head != self.n_head
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if T == 1:
+            # decoding, one query per row: the H // Hkv query heads that share a kv head become that head's
+            # queries (a single position needs no causal mask), so each cached key and value is read once
+            # per kv head rather than once per query head
+            y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, self.head_dim), k, v, attn_mask=mask)
+            y = y.reshape(B, H, 1, self.head_dim)
+        else:  # no mask means plain causal attention over T == S positions (see _attention_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -329,8 +336,9 @@ class Transformer(nn.Module):
     def _rope(self, positions, dtype):
         # computed in fp32 from absolute positions, so left-padded rows and cached decoding rotate correctly
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # (B, T, 1, D): the same rotation for every head
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        # (B, T, 1, D): the same rotation for every head; sin with apply_rope's sign folded in
+        return torch.cat((cos, cos), -1).unsqueeze(2).to(dtype), torch.cat((-sin, sin), -1).unsqueeze(2).to(dtype)
 
     def _attention_mask(self, B, T, S, padding_mask, device):
         """Boolean (B, 1, T, S) mask, True = may attend; None when plain causal attention suffices.

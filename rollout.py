@@ -195,7 +195,10 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     # Decode steps multiply few rows, where a weight prepacked once beats repacking it at every call
     # (model.prepacked). Not at one row: that is a matrix-vector product, bound by reading the weights,
     # and on this CPU MKL's plain kernel reads them faster than oneDNN's packed one (benchmarks/gemm.py).
-    with model.prepacked() if N > 1 else contextlib.nullcontext():
+    # Inference mode also skips autograd's bookkeeping (version counters, view tracking) on the hundreds of
+    # small ops of each step. Tensors made in it cannot be saved for backward later, so only this loop
+    # runs in it: it writes into the output tensors made above, and the returned ones are made below.
+    with torch.inference_mode(), model.prepacked() if N > 1 else contextlib.nullcontext():
         for t in range(max_new_tokens):
             ids, logp = sample_token(logits, temperature, top_k, top_p, generator)
             rows = active[alive]

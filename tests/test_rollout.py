@@ -151,6 +151,18 @@ def test_dropping_finished_rows_changes_nothing(tiny):
     assert torch.equal(never.tokens, at_once.tokens) and never.finish_reasons == at_once.finish_reasons
 
 
+def test_rollouts_can_enter_a_backward_pass(tiny):
+    """The decode loop runs in inference mode, whose tensors autograd refuses to save: none may leak into
+    the returned rollouts, which the trainer multiplies with tensors that need gradients."""
+    model, tok = tiny
+    r = generate(model, prompts_of(tok), n=2, max_new_tokens=6, temperature=1.0, stop_ids=[5])
+    assert not any(t.is_inference() for t in vars(r).values() if isinstance(t, torch.Tensor))
+    logp, _ = rollout.completion_logprobs(model, r, torch.arange(6), temperature=1.0)
+    (logp * r.logprobs[:, r.prompt_width:] * r.completion_mask[:, r.prompt_width:] * r.coeffs[:, None]).sum().backward()
+    assert model.lm_head.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
 def test_too_long_prompt_is_a_clear_error(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
