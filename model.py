@@ -208,15 +208,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
-        # keys and values stay unrepeated (Hkv heads); SDPA shares each across its group of query heads
-        if T == 1:
-            # decoding, one query per row: the H // Hkv query heads that share a kv head become that head's
-            # queries (a single position needs no causal mask), so each cached key and value is read once
-            # per kv head rather than once per query head
-            y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, self.head_dim), k, v, attn_mask=mask)
-            y = y.reshape(B, H, 1, self.head_dim)
-        else:  # no mask means plain causal attention over T == S positions (see _attention_mask)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head)
+        # keys and values stay unrepeated (Hkv heads); SDPA shares each across its group of query heads.
+        # No mask means plain causal attention over T == S positions, or a single query (see _attention_mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
