@@ -139,21 +139,23 @@ def test_kv_cache_overflow_is_an_error(tiny_checkpoints):
 # prepacked weights (the sampler's decode loop; see also the KV cache test above)
 
 
-def test_prepacked_is_off_after_the_block_and_never_stale(tiny_checkpoints):
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_prepacked_is_off_after_the_block_and_never_stale(tiny_checkpoints, no_grad):
+    """Also under inference mode, as in the sampler's decode loop."""
     model = Transformer.from_pretrained(tiny_checkpoints["llama"][0])
     x = tokens(2, 6)
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), model.prepacked():
         raise RuntimeError("boom")
     assert packed(model)[0] == 0  # off even when the block raised
     optimizer = torch.optim.AdamW([model.layers[0].mlp.w_down.weight], lr=0.1)
-    with torch.no_grad():
+    with no_grad():
         with model.prepacked():
             before = model(x)
         assert packed(model)[0] == 0
     kept = {name: m.packed for name, m in model.named_modules() if isinstance(m, Linear)}
     model(x).sum().backward()
     optimizer.step()  # a training step between two sampling blocks
-    with torch.no_grad():
+    with no_grad():
         with model.prepacked():
             after = model(x)
             repacked = {name for name, m in model.named_modules() if isinstance(m, Linear) and m.packed is not kept[name]}

@@ -158,7 +158,7 @@ def test_rollouts_can_enter_a_backward_pass(tiny):
     r = generate(model, prompts_of(tok), n=2, max_new_tokens=6, temperature=1.0, stop_ids=[5])
     assert not any(t.is_inference() for t in vars(r).values() if isinstance(t, torch.Tensor))
     logp, _ = rollout.completion_logprobs(model, r, torch.arange(6), temperature=1.0)
-    (logp * r.logprobs[:, r.prompt_width:] * r.completion_mask[:, r.prompt_width:] * r.coeffs[:, None]).sum().backward()
+    (logp * r.logprobs[:, r.prompt_width:] * r.completion_mask[:, r.prompt_width:] * (1 + r.coeffs[:, None])).sum().backward()
     assert model.lm_head.weight.grad is not None
     model.zero_grad(set_to_none=True)
 
