@@ -402,8 +402,9 @@ class Transformer(nn.Module):
         the plain path is as fast, so it is for decoding). Packing all weights writes 543 MB into fresh
         memory (benchmarks/sampler.py's "new weights" column pays for it), so the copies outlive the
         block and are remade only for weights that changed since (`Linear.pack`): after a training step
-        that updates the last 10 blocks, 20 of 30 blocks and the vocabulary projection are reused. The price is a second copy of
-        the weights kept in memory. Elsewhere (GPU, bf16 weights or autocast, no oneDNN) it changes nothing.
+        that updates the last 10 blocks, 20 of 30 blocks and the vocabulary projection are reused. The
+        price is a second copy of the weights kept in memory. Elsewhere (GPU, bf16 weights or autocast,
+        no oneDNN) it changes nothing.
         (Writes through `.data` bypass the version counter and are not seen: change weights in place
         under torch.no_grad(), as optimizers do.)"""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
