@@ -154,6 +154,9 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     B, N = len(prompts), len(prompts) * n
     if B == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if n < 1 or max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sampling needs n >= 1, max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+                         f"n={n}, max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, top_p={top_p}")
     P = max(len(p) for p in prompts)
     if P + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt of {P} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
@@ -269,6 +272,14 @@ def completion_logprobs(model, r, rows, temperature, chunk=512):
 # CLI: see what steering does to one prompt
 
 
+def parse_list(text, flag, kind=float):
+    """A comma-separated flag value ("0,0.1,0.2") -> [0.0, 0.1, 0.2], or a one-line error that names the flag."""
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated {'integers' if kind is int else 'numbers'}") from None
+
+
 def show_side_by_side(texts, headers, width):
     col = max(20, width // len(texts) - 3)
     wrapped = [textwrap.wrap(t.replace("\n", " / "), col) or [""] for t in texts]
@@ -297,21 +308,21 @@ def main():
 
     try:
         model, tok = steer.load_model_and_tokenizer(args.model, args.device)
-        coeffs = [float(c) for c in args.coeffs.split(",")]
+        coeffs = parse_list(args.coeffs, "--coeffs")
         vector = layer = None
         if args.behavior:
             sv = steer.load_or_extract(model, tok, args.behavior, args.model, layer=args.layer)
             vector, layer = sv.scaled_direction().to(args.device), sv.layer
         elif any(coeffs):
             raise ValueError("--coeffs other than 0 need a --behavior to steer with")
+        prompt = tok.chat([{"role": "user", "content": args.prompt}])
+        t0 = time.time()
+        r = generate(model, [prompt] * len(coeffs), n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_p=args.top_p, stop_ids=tok.stop_ids, seed=args.seed, vector=vector, layer=layer,
+                     coeffs=[c for c in coeffs for _ in range(args.n)], steer_prompt=args.steer_prompt == "yes")
+        elapsed = time.time() - t0
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    prompt = tok.chat([{"role": "user", "content": args.prompt}])
-    t0 = time.time()
-    r = generate(model, [prompt] * len(coeffs), n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_p=args.top_p, stop_ids=tok.stop_ids, seed=args.seed, vector=vector, layer=layer,
-                 coeffs=[c for c in coeffs for _ in range(args.n)], steer_prompt=args.steer_prompt == "yes")
-    elapsed = time.time() - t0
     texts = [text for text, _, _ in r.completions(tok)]
     headers = [f"coeff {c:g}: {int(length)} tok, {why}" for c, length, why in zip(r.coeffs.tolist(), r.completion_lens, r.finish_reasons)]
     show_side_by_side(texts, headers, shutil.get_terminal_size((160, 40)).columns)

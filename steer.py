@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 import rewards
 from model import CheckpointError, Transformer
-from rollout import completion_logprobs, generate, left_pad
+from rollout import completion_logprobs, generate, left_pad, parse_list
 from tokenizer import Tokenizer, TokenizerError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -300,6 +300,13 @@ def main():
     try:
         behavior = load_behavior(args.behavior)
         model, tok = load_model_and_tokenizer(args.model, args.device)
+        L = model.config.n_layer
+        layers = parse_list(args.layers, "--layers", int) if args.layers else list(range(3, 3 * L // 4 + 1, 3))
+        if not all(0 <= layer < L for layer in layers):
+            raise ValueError(f"--layers {args.layers}: the model has layers 0..{L - 1}")
+        intensities = parse_list(args.intensities, "--intensities")
+        if args.questions < 1:
+            raise ValueError("--questions must be at least 1")
         vectors, info, path = load_or_extract_all(model, tok, args.behavior, args.model)
         sv = vectors[info["chosen_layer"]]
         print(f"{path}: {len(vectors)} layers; chosen layer {info['chosen_layer']}, intensity {info['intensity']} "
@@ -307,13 +314,10 @@ def main():
         if not args.sweep:
             return
         examples = read_jsonl(args.data)[:args.questions]
-        L = model.config.n_layer
-        layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(3, 3 * L // 4 + 1, 3))
-        intensities = [float(x) for x in args.intensities.split(",")]
+        baseline, results = sweep(model, tok, behavior, vectors, examples, layers, intensities, args.max_new_tokens,
+                                  args.temperature, args.seed, args.steer_prompt == "yes")
     except (ValueError, OSError, DataError) as e:
         sys.exit(f"error: {e}")
-    baseline, results = sweep(model, tok, behavior, vectors, examples, layers, intensities, args.max_new_tokens,
-                              args.temperature, args.seed, args.steer_prompt == "yes")
     best = choose(baseline, results)
     if best is None:
         print("no setting stayed coherent; keeping the recorded default")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import rewards
 import vspo
 from data.problems import DataError, read_jsonl
-from rollout import completion_logprobs, generate, left_pad
+from rollout import completion_logprobs, generate, left_pad, parse_list
 from steer import load_behavior, load_model_and_tokenizer, load_or_extract, user_prompt
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -77,6 +77,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """Ranges argparse cannot express, checked before anything runs or is written."""
+    for flag, low in (("steps", 0), ("prompts_per_step", 1), ("group_size", 2), ("updates_per_batch", 1), ("micro_batch", 1),
+                      ("max_new_tokens", 1), ("train_layers", 0), ("eval_n", 1), ("eval_every", 0), ("checkpoint_every", 1)):
+        if getattr(args, flag) < low:
+            why = " (advantages compare the rollouts of a group)" if flag == "group_size" else ""
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least {low}{why}")
+    if not args.temperature > 0:
+        raise ValueError("--temperature must be above 0: the loss scores completions under the tempered distribution")
+    if not args.lr > 0 or args.beta < 0:
+        raise ValueError("--lr must be above 0 and --beta at least 0")
+
+
+def check_prompt_lengths(examples, path, prompt_of, args, model):
+    """A problem too long for the model fails here, naming it, rather than in the middle of training."""
+    for i, ex in enumerate(examples, 1):
+        n = len(prompt_of(ex))
+        if n + args.max_new_tokens > model.config.max_seq_len:
+            raise ValueError(f"{path}: problem {i} ({ex['question'][:30]!r}...) makes a prompt of {n} tokens, which with --max-new-tokens "
+                             f"{args.max_new_tokens} exceeds the model's {model.config.max_seq_len} positions; shorten or drop it")
+
+
 # -----------------------------------------------------------------------------
 # Data
 
@@ -96,6 +118,11 @@ def question_of(example, behavior):
     if "hint" in example and "hint" in behavior:
         return f"{example['question']} {behavior['hint'].format(hint=example['hint'])}"
     return example["question"]
+
+
+def chat_prompt(tok, example, behavior, instruction=None):
+    """The token ids of a problem's prompt (with an extra instruction for guided sampling)."""
+    return tok.chat(user_prompt(question_of(example, behavior), instruction))
 
 
 def batch_indices(n_examples, prompts_per_step, step, seed):
@@ -135,7 +162,7 @@ def evaluate(model, tok, examples, behavior, args, autocast):
     accs, behs, lens = [], [], []
     for i in range(0, len(examples), 32):
         chunk = examples[i:i + 32]
-        prompts = [tok.chat(user_prompt(question_of(ex, behavior))) for ex in chunk]
+        prompts = [chat_prompt(tok, ex, behavior) for ex in chunk]
         with autocast():
             r = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          stop_ids=tok.stop_ids, seed=args.seed + 12345 + i)
@@ -215,6 +242,8 @@ def main(argv=None):
     args = parse_args(argv)
     out = args.out or os.path.join(ROOT, "runs", f"{args.behavior}-{args.algo}-seed{args.seed}")
     try:
+        check_args(args)
+        given_coeffs = parse_list(args.coeffs, "--coeffs") if args.coeffs else None
         behavior = load_behavior(args.behavior)
         if behavior["name"] not in rewards.REWARDS:
             raise ValueError(f"data/behaviors/{args.behavior}.json has no reward function in rewards.py")
@@ -223,11 +252,14 @@ def main(argv=None):
         if len(train_examples) < args.prompts_per_step:
             raise ValueError(f"{args.data}: {len(train_examples)} problems, fewer than --prompts-per-step {args.prompts_per_step}")
         model, tok = load_model_and_tokenizer(args.model, args.device)
+        instruction = behavior["positive"] if args.algo == "guided" else None  # guided sampling adds it to the prompt
+        check_prompt_lengths(train_examples, args.data, lambda ex: chat_prompt(tok, ex, behavior, instruction), args, model)
+        check_prompt_lengths(eval_examples, args.eval_data, lambda ex: chat_prompt(tok, ex, behavior), args, model)
         vector = layer = None
         if args.algo == "vspo":
             sv = load_or_extract(model, tok, args.behavior, args.model, layer=args.layer)
             vector, layer = sv.scaled_direction().to(args.device), sv.layer
-            coeffs = [float(c) for c in args.coeffs.split(",")] if args.coeffs else [0.0, sv.intensity / 2, sv.intensity]
+            coeffs = given_coeffs or [0.0, sv.intensity / 2, sv.intensity]
     except (ValueError, OSError, DataError) as e:
         sys.exit(f"error: {e}")
     if args.resume and not os.path.isfile(os.path.join(out, "latest")):
@@ -277,10 +309,10 @@ def main(argv=None):
         model.eval()
         # 1. prompts and the intensity of each rollout
         batch = [train_examples[i] for i in batch_indices(len(train_examples), P, step, args.seed)]
-        plain = [tok.chat(user_prompt(question_of(ex, behavior))) for ex in batch]
+        plain = [chat_prompt(tok, ex, behavior) for ex in batch]
         sample_prompts = plain
         if args.algo == "guided":
-            sample_prompts = [tok.chat(user_prompt(question_of(ex, behavior), behavior["positive"])) for ex in batch]
+            sample_prompts = [chat_prompt(tok, ex, behavior, behavior["positive"]) for ex in batch]
         if args.algo == "vspo":
             g = torch.Generator().manual_seed(args.seed * 7919 + step)
             row_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, coeffs, G, step, args.steps, g) for _ in batch])

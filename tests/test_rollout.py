@@ -169,6 +169,21 @@ def test_too_long_prompt_is_a_clear_error(tiny):
         generate(model, [[1] * 500], max_new_tokens=20)
 
 
+@pytest.mark.parametrize("bad", [dict(n=0), dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
+                                 dict(max_new_tokens=-1)])
+def test_bad_sampling_arguments_are_clear_errors(tiny, bad):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="sampling needs"):
+        generate(model, prompts_of(tok), **{"max_new_tokens": 4, **bad})
+
+
+def test_parse_list_names_the_flag():
+    assert rollout.parse_list("0,0.1,2", "--coeffs") == [0.0, 0.1, 2.0]
+    assert rollout.parse_list("3,6", "--layers", int) == [3, 6]
+    with pytest.raises(ValueError, match="--layers '3,x': expected comma-separated integers"):
+        rollout.parse_list("3,x", "--layers", int)
+
+
 def test_smollm2_greedy_equals_transformers_generate(smollm2):
     import transformers
 

@@ -129,3 +129,16 @@ def test_vectors_are_extracted_again_when_the_behaviour_changes(synthetic, capsy
     assert info["definition"] == steer.definition_hash(edited)
     again, _, _ = steer.load_or_extract_all(model, tok, "synthetic", model_path)
     assert all(torch.equal(again[l].vector, fresh[l].vector) for l in fresh)
+
+
+@pytest.mark.parametrize("flags,message", [(["--layers", "1,99"], "--layers 1,99: the model has layers 0..3"),
+                                           (["--layers", "1,x"], "--layers '1,x': expected comma-separated integers"),
+                                           (["--questions", "0"], "--questions must be at least 1"),
+                                           (["--temperature", "-1"], "sampling needs")])
+def test_sweep_cli_bad_input_gives_one_line_errors(synthetic, monkeypatch, flags, message):
+    model_path, data, _ = synthetic
+    monkeypatch.setattr("sys.argv", ["steer.py", "--behavior", "synthetic", "--model", model_path, "--data", data, "--sweep",
+                                     "--max-new-tokens", "4", "--questions", "2", *flags])
+    with pytest.raises(SystemExit) as e:
+        steer.main()
+    assert str(e.value.code).startswith("error: ") and message in str(e.value.code) and "\n" not in str(e.value.code)

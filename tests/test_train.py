@@ -82,6 +82,15 @@ def test_bad_input_gives_one_line_errors(synthetic, tmp_path):
     assert f"{broken}:2: not valid JSON" in error_of(["--behavior", "synthetic", *base, "--data", str(broken)])
     assert "config.json: missing" in error_of(["--behavior", "synthetic", *base, "--model", str(tmp_path)])
     assert "no checkpoint" in error_of(["--behavior", "synthetic", *base, "--resume"])
+    for flags, message in ((["--group-size", "1"], "--group-size must be at least 2"),
+                           (["--temperature", "0"], "--temperature must be above 0"),
+                           (["--coeffs", "0,x"], "--coeffs '0,x': expected comma-separated numbers")):
+        assert message in error_of(["--behavior", "synthetic", *base, *flags])
+    long = tmp_path / "long.jsonl"  # the tiny model has 512 positions
+    long.write_text('{"question": "1+1?", "answer": "#### 2"}\n' + json.dumps({"question": "one " * 600, "answer": "#### 1"}) + "\n")
+    assert f"{long}: problem 2 ('one one" in error_of(["--behavior", "synthetic", *base, "--data", str(long), "--prompts-per-step", "1"])
+    assert "exceeds the model's 512 positions" in error_of(["--behavior", "synthetic", *base, "--eval-data", str(long)])
+    assert not os.path.exists(tmp_path / "run")  # no run folder is made for a run that cannot start
 
 
 def test_resume_with_other_trained_parameters_is_a_one_line_error(synthetic):
