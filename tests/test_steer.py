@@ -142,3 +142,8 @@ def test_sweep_cli_bad_input_gives_one_line_errors(synthetic, monkeypatch, flags
     with pytest.raises(SystemExit) as e:
         steer.main()
     assert str(e.value.code).startswith("error: ") and message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_an_unusable_device_is_a_one_line_error(tiny_chat_model):
+    with pytest.raises(ValueError, match="--device 'tpu' is not usable here"):
+        steer.load_model_and_tokenizer(tiny_chat_model, device="tpu")
