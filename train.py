@@ -207,13 +207,19 @@ def load_checkpoint(out, model, optimizer):
 
     saved = Transformer.from_pretrained(path, device=next(model.parameters()).device)
     model.load_state_dict(saved.state_dict())
+    try:  # a damaged file raises whatever its first bad byte triggers in the reader
+        state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)  # never unpickle code
+        with open(os.path.join(path, "state.json")) as f:
+            step = json.load(f)["step"]
+    except Exception as e:
+        raise ValueError(f"{path}: optimizer.pt or state.json is damaged ({type(e).__name__}), so the run cannot "
+                         f"resume from it; start anew with another --out") from None
     try:
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))  # never unpickle code
+        optimizer.load_state_dict(state)
     except ValueError:  # another number or size of trained tensors
         raise ValueError(f"{path}/optimizer.pt: saved for other trained parameters (another --train-layers, or an "
                          f"older version of model.py); resume with the flags of the run, or start anew with another --out") from None
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)["step"]
+    return step
 
 
 def plot(log_path, png_path):
@@ -262,6 +268,8 @@ def main(argv=None):
             coeffs = given_coeffs or [0.0, sv.intensity / 2, sv.intensity]
     except (ValueError, OSError, DataError) as e:
         sys.exit(f"error: {e}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"error: --out {out} is a file; pass a folder for the run")
     if args.resume and not os.path.isfile(os.path.join(out, "latest")):
         sys.exit(f"error: --resume: no checkpoint in {out}")
     if not args.resume and os.path.isfile(os.path.join(out, "latest")):

@@ -99,8 +99,12 @@ def read_jsonl(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{i}: not UTF-8 text; save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -91,6 +91,11 @@ def test_bad_input_gives_one_line_errors(synthetic, tmp_path):
     assert f"{long}: problem 2 ('one one" in error_of(["--behavior", "synthetic", *base, "--data", str(long), "--prompts-per-step", "1"])
     assert "exceeds the model's 512 positions" in error_of(["--behavior", "synthetic", *base, "--eval-data", str(long)])
     assert not os.path.exists(tmp_path / "run")  # no run folder is made for a run that cannot start
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"question": "1+1?", "answer": "#### 2"}\n{"question": "caf\u00e9?", "answer": "#### 1"}\n'.encode("latin-1"))
+    assert f"{latin1}:2: not UTF-8 text" in error_of(["--behavior", "synthetic", *base, "--data", str(latin1)])
+    (tmp_path / "a_file").write_text("")
+    assert "is a file" in error_of(["--behavior", "synthetic", *base, "--out", str(tmp_path / "a_file")])
 
 
 def test_resume_with_other_trained_parameters_is_a_one_line_error(synthetic):
@@ -99,6 +104,9 @@ def test_resume_with_other_trained_parameters_is_a_one_line_error(synthetic):
     argv = ["--behavior", "synthetic", "--model", model, "--data", data, "--eval-data", data, "--max-new-tokens", "6",
             "--out", str(tmp / "two_layers"), "--steps", "4", "--resume", "--train-layers", "1"]
     assert "optimizer.pt: saved for other trained parameters" in error_of(argv)
+    for name, junk in (("optimizer.pt", b"junk"), ("state.json", b"{")):
+        (tmp / "two_layers" / "checkpoint-2" / name).write_bytes(junk)
+        assert "optimizer.pt or state.json is damaged" in error_of(argv[:-2] + ["--train-layers", "2"])
 
 
 def test_chunked_logprobs_equal_the_full_computation(tiny_chat_model):
