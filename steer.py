@@ -48,9 +48,15 @@ def load_behavior(name):
         raise ValueError(f"unknown behaviour {name!r}; known: {', '.join(known)} (add data/behaviors/{name}.json to define it)")
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
+            behavior = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+    fields = {"name": str, "positive": str, "negative": str, "questions": list, "layer": int, "intensity": (int, float)}
+    wrong = [k for k, kind in fields.items() if not isinstance(behavior.get(k) if isinstance(behavior, dict) else None, kind)]
+    if wrong or not behavior["questions"]:
+        raise ValueError(f"{path}: needs {', '.join(fields)} (see data/behaviors/verbosity.json); missing or mistyped: "
+                         f"{', '.join(wrong) or 'questions (empty)'}")
+    return behavior
 
 
 def load_model_and_tokenizer(path=None, device="cpu", dtype=torch.float32):

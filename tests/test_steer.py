@@ -147,3 +147,10 @@ def test_sweep_cli_bad_input_gives_one_line_errors(synthetic, monkeypatch, flags
 def test_an_unusable_device_is_a_one_line_error(tiny_chat_model):
     with pytest.raises(ValueError, match="--device 'tpu' is not usable here"):
         steer.load_model_and_tokenizer(tiny_chat_model, device="tpu")
+
+
+def test_a_behaviour_file_missing_fields_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(steer, "BEHAVIOR_DIR", str(tmp_path))
+    (tmp_path / "half.json").write_text('{"name": "half", "positive": "Be long.", "questions": []}')
+    with pytest.raises(ValueError, match="half.json: needs .*; missing or mistyped: negative, layer, intensity$"):
+        steer.load_behavior("half")
