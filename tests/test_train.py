@@ -98,13 +98,13 @@ def test_bad_input_gives_one_line_errors(synthetic, tmp_path):
     assert "is a file" in error_of(["--behavior", "synthetic", *base, "--out", str(tmp_path / "a_file")])
 
 
-def test_resume_with_other_trained_parameters_is_a_one_line_error(synthetic):
+def test_resume_with_other_trained_parameters_or_a_damaged_checkpoint_is_a_one_line_error(synthetic):
     model, data, tmp = synthetic
     run(synthetic, "vspo", tmp / "two_layers", "--steps", "2", "--checkpoint-every", "2", "--train-layers", "2")
     argv = ["--behavior", "synthetic", "--model", model, "--data", data, "--eval-data", data, "--max-new-tokens", "6",
             "--out", str(tmp / "two_layers"), "--steps", "4", "--resume", "--train-layers", "1"]
     assert "optimizer.pt: saved for other trained parameters" in error_of(argv)
-    for name, junk in (("optimizer.pt", b"junk"), ("state.json", b"{")):
+    for name, junk in (("state.json", b"{"), ("optimizer.pt", b"junk")):  # the first alone, then both
         (tmp / "two_layers" / "checkpoint-2" / name).write_bytes(junk)
         assert "optimizer.pt or state.json is damaged" in error_of(argv[:-2] + ["--train-layers", "2"])
 
