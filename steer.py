@@ -52,8 +52,9 @@ def load_behavior(name):
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
     fields = {"name": str, "positive": str, "negative": str, "questions": list, "layer": int, "intensity": (int, float)}
-    wrong = [k for k, kind in fields.items() if not isinstance(behavior.get(k) if isinstance(behavior, dict) else None, kind)]
-    if wrong or not behavior["questions"]:
+    got = behavior if isinstance(behavior, dict) else {}
+    wrong = [k for k, kind in fields.items() if not isinstance(got.get(k), kind)]
+    if wrong or not got["questions"]:
         raise ValueError(f"{path}: needs {', '.join(fields)} (see data/behaviors/verbosity.json); missing or mistyped: "
                          f"{', '.join(wrong) or 'questions (empty)'}")
     return behavior

@@ -318,9 +318,7 @@ def main(argv=None):
         # 1. prompts and the intensity of each rollout
         batch = [train_examples[i] for i in batch_indices(len(train_examples), P, step, args.seed)]
         plain = [chat_prompt(tok, ex, behavior) for ex in batch]
-        sample_prompts = plain
-        if args.algo == "guided":
-            sample_prompts = [chat_prompt(tok, ex, behavior, behavior["positive"]) for ex in batch]
+        sample_prompts = [chat_prompt(tok, ex, behavior, instruction) for ex in batch] if instruction else plain
         if args.algo == "vspo":
             g = torch.Generator().manual_seed(args.seed * 7919 + step)
             row_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, coeffs, G, step, args.steps, g) for _ in batch])
