@@ -93,7 +93,8 @@ def sample_token(logits, temperature, top_k, top_p, generator):
     if top_p < 1.0:
         # nucleus (Holtzman et al. 2020): the smallest set of tokens whose probability reaches top_p
         sorted_logits, order = logits.sort(-1, descending=True)
-        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
+        sorted_probs = sorted_logits.softmax(-1)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
         logits.scatter_(-1, order, sorted_logits.masked_fill(mass_before >= top_p, float("-inf")))
     # Inverse-CDF sampling: one uniform per row, the first token whose cumulative probability exceeds it.
     # torch.multinomial draws one exponential per vocabulary entry instead, which at 32 rows x 49k
