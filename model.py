@@ -366,6 +366,8 @@ class Transformer(nn.Module):
         past = kv_cache.pos if kv_cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + T, device=tokens.device).expand(B, T)
+        if steer is not None and not 0 <= steer.layer < self.config.n_layer:  # it would match no block
+            raise ValueError(f"steering layer {steer.layer} is outside the model's blocks 0..{self.config.n_layer - 1}")
         if padding_mask is not None and padding_mask.shape != (B, past + T):
             raise ValueError(f"padding_mask must be (B, cached + T) = {(B, past + T)}, got {tuple(padding_mask.shape)}")
         x = self.tok_emb(tokens)  # (B, T, C)

@@ -19,6 +19,7 @@ sweep's perplexity) without ever building a (rows, time, vocab) tensor.
 
 import argparse
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -276,9 +277,20 @@ def completion_logprobs(model, r, rows, temperature, chunk=512):
 def parse_list(text, flag, kind=float):
     """A comma-separated flag value ("0,0.1,0.2") -> [0.0, 0.1, 0.2], or a one-line error that names the flag."""
     try:
-        return [kind(x) for x in text.split(",")]
+        values = [kind(x) for x in text.split(",")]
     except ValueError:
         raise ValueError(f"{flag} {text!r}: expected comma-separated {'integers' if kind is int else 'numbers'}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{flag} {text!r}: every value must be a finite number")
+    return values
+
+
+def check_finite(args):
+    """Every float flag of a CLI is finite: argparse's float() accepts 'nan' and 'inf', which would reach
+    the sampler or the optimizer as numbers. -> a one-line error naming the flag."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be a finite number")
 
 
 def show_side_by_side(texts, headers, width):
@@ -308,8 +320,9 @@ def main():
     import steer  # steer.py builds on this file; imported here only, for the CLI, so the imports stay one-way
 
     try:
-        model, tok = steer.load_model_and_tokenizer(args.model, args.device)
+        check_finite(args)
         coeffs = parse_list(args.coeffs, "--coeffs")
+        model, tok = steer.load_model_and_tokenizer(args.model, args.device)
         vector = layer = None
         if args.behavior:
             sv = steer.load_or_extract(model, tok, args.behavior, args.model, layer=args.layer)

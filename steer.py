@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from safetensors.torch import save_file
 
 import rewards
 from model import CheckpointError, Transformer
-from rollout import completion_logprobs, generate, left_pad, parse_list
+from rollout import check_finite, completion_logprobs, generate, left_pad, parse_list
 from tokenizer import Tokenizer, TokenizerError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -78,6 +79,32 @@ def load_model_and_tokenizer(path=None, device="cpu", dtype=torch.float32):
 
 def user_prompt(question, instruction=None):
     return [{"role": "user", "content": question if not instruction else f"{question}\n\n{instruction}"}]
+
+
+def load_examples(path, behavior, seed):
+    """GSM8K-style rows; for robustness each gets a deterministic wrong hint that goes into the prompt."""
+    from data.problems import read_jsonl
+
+    examples = read_jsonl(path)
+    if "hint" in behavior:
+        rng = random.Random(seed)
+        for ex in examples:
+            answer = rewards.reference_answer(ex)
+            ex["hint"] = int(answer) + rng.choice([-3, -2, -1, 1, 2, 3, 10]) if answer is not None else 41
+    return examples
+
+
+def question_of(example, behavior):
+    if "hint" in example and "hint" in behavior:
+        return f"{example['question']} {behavior['hint'].format(hint=example['hint'])}"
+    return example["question"]
+
+
+def chat_prompt(tok, example, behavior, instruction=None):
+    """The token ids of a problem's prompt, exactly as training samples it (with the misleading hint
+    for robustness, and an extra instruction for guided sampling). The sweep and the experiments
+    build their prompts here too, so that they measure what training sees."""
+    return tok.chat(user_prompt(question_of(example, behavior), instruction))
 
 
 def contrastive_pairs(behavior, questions=None):
@@ -191,28 +218,50 @@ def definition_hash(behavior):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def vector_path(model_path, behavior):
-    return os.path.join(VECTOR_DIR, os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL)), f"{behavior}.safetensors")
+def model_fingerprint(model_path):
+    """sha256 of what a steering vector depends on: config.json, the tokenizer files and the bytes of
+    every weight file. Two checkpoints that share a folder name (two runs' `final`, any two
+    `checkpoint-N`) get different fingerprints; a copy of the same model gets the same one. It reads
+    the weights once per call."""
+    folder = model_path or DEFAULT_MODEL
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"))
+    h = hashlib.sha256()
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json", *names]:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                h.update(name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def vector_path(model_path, behavior, fingerprint=None):
+    """checkpoints/vectors/<model folder name>-<fingerprint>/<behavior>.safetensors: keyed by the model
+    itself, so that a vector is never reused for another model with the same folder name."""
+    fingerprint = fingerprint or model_fingerprint(model_path)
+    name = os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL))
+    return os.path.join(VECTOR_DIR, f"{name}-{fingerprint[:16]}", f"{behavior}.safetensors")
 
 
 def load_or_extract_all(model, tok, behavior_name, model_path=None):
     """Every layer's vector for this behaviour and model -> ({layer: SteeringVector}, metadata, file path).
     Read from the file when it exists; otherwise extracted once and saved, with the behaviour's defaults."""
-    path = vector_path(model_path, behavior_name)
+    fingerprint = model_fingerprint(model_path)
+    path = vector_path(model_path, behavior_name, fingerprint)
     behavior = load_behavior(behavior_name)
     if os.path.isfile(path):
         vectors, info = load_vectors(path)
-        if info.get("hidden_size") != model.config.n_embd:
-            raise ValueError(f"{path}: vectors of size {info.get('hidden_size')} do not fit this model ({model.config.n_embd}); delete the file")
-        if info.get("definition") == definition_hash(behavior):
+        if info.get("model_fingerprint") != fingerprint or info.get("hidden_size") != model.config.n_embd:
+            print(f"{path}: extracted from another model than {model_path or DEFAULT_MODEL}; extracting again")
+        elif info.get("definition") != definition_hash(behavior):
+            print(f"{path}: data/behaviors/{behavior_name}.json changed since these vectors were extracted; extracting again")
+        else:
             return vectors, info, path
-        print(f"{path}: data/behaviors/{behavior_name}.json changed since these vectors were extracted; extracting again")
     vectors = extract(model, tok, contrastive_pairs(behavior), range(model.config.n_layer))
     default = min(behavior["layer"], model.config.n_layer - 1)
     for sv in vectors.values():
         sv.intensity = behavior["intensity"]
     info = {"behavior": behavior_name, "model": os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL)),
-            "hidden_size": model.config.n_embd, "definition": definition_hash(behavior),
+            "model_fingerprint": fingerprint, "hidden_size": model.config.n_embd, "definition": definition_hash(behavior),
             "chosen_by": "data/behaviors default", "chosen_layer": default, "intensity": behavior["intensity"]}
     save_vectors(path, vectors, default, info)
     return vectors, info, path
@@ -253,7 +302,7 @@ def sweep(model, tok, behavior, vectors, examples, layers, intensities, max_new_
     behavior_fn = rewards.REWARDS.get(behavior["name"])
     kw = dict(behavior.get("reward", {}))
     fn = (lambda p, c, ex: behavior_fn(p, c, ex, **kw)) if behavior_fn else None
-    prompts = [tok.chat(user_prompt(ex["question"])) for ex in examples]
+    prompts = [chat_prompt(tok, ex, behavior) for ex in examples]  # as training builds them (robustness: with the hint)
     results = []
     base = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed)
     baseline = {"layer": "-", "intensity": 0.0, **rollout_stats(model, tok, base, examples, fn)}
@@ -306,16 +355,17 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    from data.problems import DataError, read_jsonl
+    from data.problems import DataError
 
     try:
+        check_finite(args)
+        intensities = parse_list(args.intensities, "--intensities")
         behavior = load_behavior(args.behavior)
         model, tok = load_model_and_tokenizer(args.model, args.device)
         L = model.config.n_layer
         layers = parse_list(args.layers, "--layers", int) if args.layers else list(range(3, 3 * L // 4 + 1, 3))
         if not all(0 <= layer < L for layer in layers):
             raise ValueError(f"--layers {args.layers}: the model has layers 0..{L - 1}")
-        intensities = parse_list(args.intensities, "--intensities")
         if args.questions < 1:
             raise ValueError("--questions must be at least 1")
         vectors, info, path = load_or_extract_all(model, tok, args.behavior, args.model)
@@ -324,7 +374,7 @@ def main():
               f"(|v| = {sv.vector.norm():.1f}, residual norm {sv.resid_norm:.1f})")
         if not args.sweep:
             return
-        examples = read_jsonl(args.data)[:args.questions]
+        examples = load_examples(args.data, behavior, args.seed)[:args.questions]
         baseline, results = sweep(model, tok, behavior, vectors, examples, layers, intensities, args.max_new_tokens,
                                   args.temperature, args.seed, args.steer_prompt == "yes")
     except (ValueError, OSError, DataError) as e:

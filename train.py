@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 import rewards
 import vspo
-from data.problems import DataError, read_jsonl
-from rollout import completion_logprobs, generate, left_pad, parse_list
-from steer import load_behavior, load_model_and_tokenizer, load_or_extract, user_prompt
+from data.problems import DataError
+from rollout import check_finite, completion_logprobs, generate, left_pad, parse_list
+from steer import chat_prompt, load_behavior, load_examples, load_model_and_tokenizer, load_or_extract
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,6 +79,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Ranges argparse cannot express, checked before anything runs or is written."""
+    check_finite(args)
     for flag, low in (("steps", 0), ("prompts_per_step", 1), ("group_size", 2), ("updates_per_batch", 1), ("micro_batch", 1),
                       ("max_new_tokens", 1), ("train_layers", 0), ("eval_n", 1), ("eval_every", 0), ("checkpoint_every", 1)):
         if getattr(args, flag) < low:
@@ -101,28 +102,6 @@ def check_prompt_lengths(examples, path, prompt_of, args, model):
 
 # -----------------------------------------------------------------------------
 # Data
-
-
-def load_examples(path, behavior, seed):
-    """GSM8K-style rows; for robustness each gets a deterministic wrong hint that goes into the prompt."""
-    examples = read_jsonl(path)
-    if "hint" in behavior:
-        rng = random.Random(seed)
-        for ex in examples:
-            answer = rewards.reference_answer(ex)
-            ex["hint"] = int(answer) + rng.choice([-3, -2, -1, 1, 2, 3, 10]) if answer is not None else 41
-    return examples
-
-
-def question_of(example, behavior):
-    if "hint" in example and "hint" in behavior:
-        return f"{example['question']} {behavior['hint'].format(hint=example['hint'])}"
-    return example["question"]
-
-
-def chat_prompt(tok, example, behavior, instruction=None):
-    """The token ids of a problem's prompt (with an extra instruction for guided sampling)."""
-    return tok.chat(user_prompt(question_of(example, behavior), instruction))
 
 
 def batch_indices(n_examples, prompts_per_step, step, seed):

@@ -32,9 +32,10 @@ def intensity_schedule(kind, intensities, group_size, step=0, total_steps=1, gen
     stratified: cycle through the set, so each intensity gets G/K rollouts (the default: every group
                 mixes unsteered and steered samples, which is what gives the group spread);
     random:     an independent draw from the set per rollout;
-    anneal:     stratified, with the set scaled by (1 - step/total_steps): steering fades out and
-                the last steps sample from the plain policy. (Our choice: the paper's abstract does
-                not say whether intensities are fixed.)
+    anneal:     stratified, with the set scaled by 1 - step/(total_steps - 1): steering fades out
+                linearly, from the full set at step 0 to intensity 0 at the last step (total_steps - 1),
+                which samples the plain policy. (Our choice: the paper's abstract does not say whether
+                intensities are fixed.)
     """
     values = torch.tensor(intensities, dtype=torch.float32)
     if kind == "stratified":
@@ -42,7 +43,7 @@ def intensity_schedule(kind, intensities, group_size, step=0, total_steps=1, gen
     if kind == "random":
         return values[torch.randint(len(values), (group_size,), generator=generator)]
     if kind == "anneal":
-        return values[torch.arange(group_size) % len(values)] * max(0.0, 1.0 - step / max(1, total_steps))
+        return values[torch.arange(group_size) % len(values)] * max(0.0, 1.0 - step / max(1, total_steps - 1))
     raise ValueError(f"unknown intensity schedule {kind!r}; choose from {', '.join(SCHEDULES)}")
 
 
@@ -132,7 +133,11 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, normalizer, aggregatio
         loss = (per_token * mask).sum() / normalizer
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        stats = {"clip_frac": (((unclipped - clipped).abs() > 0).float() * mask).sum().item() / n.item(),
+        # a token is clipped when the clipped branch is the one the minimum takes, so its gradient is 0:
+        # the ratio past 1 + clip_high with a positive advantage, or below 1 - clip_low with a negative one
+        # (as TRL and verl count it). A ratio past the bound on the other side keeps its full gradient.
+        binds = ((ratio > 1.0 + clip_high) & (adv > 0)) | ((ratio < 1.0 - clip_low) & (adv < 0))
+        stats = {"clip_frac": (binds.float() * mask).sum().item() / n.item(),
                  "ratio_mean": (ratio * mask).sum().item() / n.item(),
                  "kl": (kl * mask).sum().item() / n.item() if kl is not None else 0.0}
     return loss, stats

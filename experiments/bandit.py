@@ -36,11 +36,13 @@ of the time, GRPO against VSPO, over many seeds, as rho goes from 0 to 1.
 
 import argparse
 import os
+import sys
 import time
 
 import torch
 
 import vspo
+from rollout import check_finite, parse_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,10 +190,14 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "bandit.png"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args()
+    try:
+        check_finite(args)
+        rhos = parse_list(args.rhos, "--rhos")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     torch.set_num_threads(1)
     t0 = time.time()
-    rows, curves = experiment([float(x) for x in args.rhos.split(",")], args.seeds, args.iters, args.intensity,
-                              args.lam, args.lr, args.seed)
+    rows, curves = experiment(rhos, args.seeds, args.iters, args.intensity, args.lam, args.lr, args.seed)
     print_table(rows, args.iters, 0.9)
     print(f"{time.time() - t0:.0f} s")
     if not args.no_plot:

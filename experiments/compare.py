@@ -25,8 +25,7 @@ import time
 import torch
 
 import train
-from data.problems import read_jsonl
-from steer import load_behavior, load_model_and_tokenizer, load_or_extract_all, sweep
+from steer import load_behavior, load_examples, load_model_and_tokenizer, load_or_extract_all, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALGOS = ("vspo", "grpo", "guided")
@@ -38,9 +37,11 @@ def alignment_diagnostic(args):
     vectors, info, _ = load_or_extract_all(model, tok, args.behavior, args.model)
     layer, top = info["chosen_layer"], info["intensity"]
     intensities = [round(top * f, 4) for f in (0.5, 1.0, 1.5, 2.0)]
-    examples = read_jsonl(args.eval_data)[:args.eval_n]
+    behavior = load_behavior(args.behavior)
+    # the problems (and robustness's hints) that the first seed's runs evaluate on: train.py's evaluation set
+    examples = load_examples(args.eval_data, behavior, args.seeds[0] + 1)[:args.eval_n]
     t = args.train
-    baseline, results = sweep(model, tok, load_behavior(args.behavior), vectors, examples, [layer], intensities,
+    baseline, results = sweep(model, tok, behavior, vectors, examples, [layer], intensities,
                               t.max_new_tokens, t.temperature, args.seeds[0], t.steer_prompt == "yes")
     return {"layer": layer, "vector_intensity": top, "rows": [baseline, *results]}
 

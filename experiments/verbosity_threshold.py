@@ -15,11 +15,11 @@ float rounding), and an answer longer than M would have been cut off, which earn
 
 import argparse
 import os
+import sys
 
 import rewards
-from data.problems import read_jsonl
-from rollout import generate
-from steer import load_model_and_tokenizer, load_or_extract, user_prompt
+from rollout import check_finite, generate, parse_list
+from steer import chat_prompt, load_behavior, load_examples, load_model_and_tokenizer, load_or_extract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,16 +43,22 @@ def main():
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
+    try:
+        check_finite(args)
+        intensities = parse_list(args.intensities, "--intensities")
+        n_mins = parse_list(args.min_tokens, "--min-tokens", int)
+        budgets = [b for b in parse_list(args.budgets, "--budgets", int) if b <= args.max_new_tokens]
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     model, tok = load_model_and_tokenizer(args.model)
     sv = load_or_extract(model, tok, "verbosity", args.model)
-    examples = read_jsonl(args.data)[:args.problems]
-    prompts = [tok.chat(user_prompt(ex["question"])) for ex in examples]
-    n_mins = [int(x) for x in args.min_tokens.split(",")]
-    budgets = [b for b in (int(x) for x in args.budgets.split(",")) if b <= args.max_new_tokens]
+    behavior = load_behavior("verbosity")
+    examples = load_examples(args.data, behavior, args.seed)[:args.problems]
+    prompts = [chat_prompt(tok, ex, behavior) for ex in examples]
     print(f"verbosity rate on {len(prompts)} x {args.samples} samples, T={args.temperature}, layer {sv.layer}")
     print("| intensity | max_new_tokens | " + " | ".join(f"N={n}" for n in n_mins) + " |")
     print("|---|---|" + "---|" * len(n_mins))
-    for a in [0.0] + [float(x) for x in args.intensities.split(",")]:
+    for a in [0.0] + intensities:
         steering = dict(vector=sv.scaled_direction(), layer=sv.layer, coeffs=[a] * (len(prompts) * args.samples)) if a else {}
         r = generate(model, prompts, n=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      stop_ids=tok.stop_ids, seed=args.seed, **steering)

@@ -121,7 +121,8 @@ def synthetic(tiny_chat_model, tmp_path, monkeypatch):
     direction = model.lm_head.weight[magic].detach()
     sv = steer.SteeringVector(direction, 3, resid_norm=float(direction.norm()), intensity=1.0, meta={"hidden_size": 64})
     steer.save_vectors(steer.vector_path(tiny_chat_model, "synthetic"), {3: sv}, 3,
-                      {"hidden_size": 64, "behavior": "synthetic", "definition": steer.definition_hash(SYNTHETIC)})
+                      {"hidden_size": 64, "behavior": "synthetic", "definition": steer.definition_hash(SYNTHETIC),
+                       "model_fingerprint": steer.model_fingerprint(tiny_chat_model)})
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(12)))
     return tiny_chat_model, str(data), tmp_path

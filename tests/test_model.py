@@ -240,6 +240,13 @@ def test_steering_is_added_at_the_output_of_its_block(tiny_checkpoints):
     assert not torch.allclose(plain[2], steered[2])  # and it propagates
 
 
+@pytest.mark.parametrize("layer", [-1, 3, 99])
+def test_a_steering_layer_outside_the_model_is_an_error(tiny_checkpoints, layer):
+    model = Transformer.from_pretrained(tiny_checkpoints["llama"][0])  # blocks 0..2
+    with torch.no_grad(), pytest.raises(ValueError, match=f"steering layer {layer} is outside the model's blocks 0..2"):
+        model(tokens(1, 4), steer=Steer(steer_vector(model), layer=layer, coeff=torch.ones(1)))
+
+
 def test_residual_reads_match_transformers_hidden_states(tiny_checkpoints):
     path, ref = tiny_checkpoints["qwen2"]
     model = Transformer.from_pretrained(path)

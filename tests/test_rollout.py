@@ -182,6 +182,25 @@ def test_parse_list_names_the_flag():
     assert rollout.parse_list("3,6", "--layers", int) == [3, 6]
     with pytest.raises(ValueError, match="--layers '3,x': expected comma-separated integers"):
         rollout.parse_list("3,x", "--layers", int)
+    for bad in ("0,inf", "nan", "-inf,1"):
+        with pytest.raises(ValueError, match=f"--coeffs '{bad}': every value must be a finite number"):
+            rollout.parse_list(bad, "--coeffs")
+
+
+def test_generate_refuses_a_steering_layer_outside_the_model(tiny):
+    model, tok = tiny  # 4 blocks
+    with pytest.raises(ValueError, match="steering layer 4 is outside the model's blocks 0..3"):
+        generate(model, prompts_of(tok), max_new_tokens=2, vector=vector_of(model), layer=4, coeffs=[1.0] * 3)
+
+
+@pytest.mark.parametrize("flags,message", [(["--top-p", "nan"], "--top-p nan: must be a finite number"),
+                                           (["--temperature", "inf"], "--temperature inf: must be a finite number"),
+                                           (["--coeffs", "0,inf"], "--coeffs '0,inf': every value must be a finite number")])
+def test_rollout_cli_rejects_non_finite_flags(tiny_chat_model, monkeypatch, flags, message):
+    monkeypatch.setattr("sys.argv", ["rollout.py", "--prompt", "Hi", "--model", tiny_chat_model, *flags])
+    with pytest.raises(SystemExit) as e:
+        rollout.main()
+    assert str(e.value.code) == f"error: {message}"
 
 
 def test_smollm2_greedy_equals_transformers_generate(smollm2):

@@ -134,7 +134,9 @@ def test_vectors_are_extracted_again_when_the_behaviour_changes(synthetic, capsy
 @pytest.mark.parametrize("flags,message", [(["--layers", "1,99"], "--layers 1,99: the model has layers 0..3"),
                                            (["--layers", "1,x"], "--layers '1,x': expected comma-separated integers"),
                                            (["--questions", "0"], "--questions must be at least 1"),
-                                           (["--temperature", "-1"], "sampling needs")])
+                                           (["--temperature", "-1"], "sampling needs"),
+                                           (["--temperature", "inf"], "--temperature inf: must be a finite number"),
+                                           (["--intensities", "0.1,nan"], "--intensities '0.1,nan': every value must be")])
 def test_sweep_cli_bad_input_gives_one_line_errors(synthetic, monkeypatch, flags, message):
     model_path, data, _ = synthetic
     monkeypatch.setattr("sys.argv", ["steer.py", "--behavior", "synthetic", "--model", model_path, "--data", data, "--sweep",
@@ -154,3 +156,52 @@ def test_a_behaviour_file_missing_fields_is_a_one_line_error(tmp_path, monkeypat
     (tmp_path / "half.json").write_text('{"name": "half", "positive": "Be long.", "questions": []}')
     with pytest.raises(ValueError, match="half.json: needs .*; missing or mistyped: negative, layer, intensity$"):
         steer.load_behavior("half")
+
+
+def test_vectors_are_keyed_by_the_model_not_its_folder_name(synthetic, tmp_path, capsys):
+    """Two runs' `final` folders share a name; each gets its own vectors, and a vector file copied in
+    from another model is extracted again, with a word."""
+    import shutil
+
+    from model import Transformer
+    from tokenizer import Tokenizer
+
+    model_path, _, _ = synthetic
+    paths = []
+    for run, seed in (("vspo", 1), ("grpo", 2)):
+        final = tmp_path / run / "final"
+        model = Transformer.from_pretrained(model_path)
+        with torch.no_grad():  # as if trained: different weights
+            model.layers[-1].mlp.w_down.weight.add_(0.01 * torch.randn(model.layers[-1].mlp.w_down.weight.shape,
+                                                                         generator=torch.Generator().manual_seed(seed)))
+        model.save_pretrained(str(final))
+        paths.append(str(final))
+    tok = Tokenizer.from_pretrained(paths[0])
+    a_vectors, a_info, a_file = steer.load_or_extract_all(Transformer.from_pretrained(paths[0]), tok, "synthetic", paths[0])
+    b_model = Transformer.from_pretrained(paths[1])
+    b_vectors, b_info, b_file = steer.load_or_extract_all(b_model, tok, "synthetic", paths[1])
+    assert a_file != b_file and a_info["model_fingerprint"] != b_info["model_fingerprint"]
+    assert not torch.equal(a_vectors[3].vector, b_vectors[3].vector)  # b's own direction, not a's
+    assert steer.vector_path(paths[0], "synthetic") == a_file  # the same model finds its file again
+    copy = tmp_path / "copy" / "final"
+    shutil.copytree(paths[0], copy)
+    assert steer.vector_path(str(copy), "synthetic") == a_file  # a copy of the same model shares its vectors
+    shutil.copy(a_file, b_file)  # a's vectors where b's belong
+    capsys.readouterr()
+    again, _, _ = steer.load_or_extract_all(b_model, tok, "synthetic", paths[1])
+    assert "extracted from another model" in capsys.readouterr().out
+    assert torch.equal(again[3].vector, b_vectors[3].vector)
+
+
+def test_the_sweep_builds_prompts_as_training_does(tiny, monkeypatch):
+    """Robustness is accuracy despite a misleading hint: the sweep must show the hint, as training does."""
+    model, tok = tiny
+    behavior = steer.load_behavior("robustness")
+    examples = [{"question": "What is 2 + 3?", "answer": "#### 5", "hint": 7}]
+    seen = []
+    real_generate = steer.generate
+    monkeypatch.setattr(steer, "generate", lambda m, prompts, **kw: seen.append(prompts) or real_generate(m, prompts, **kw))
+    vectors = steer.extract(model, tok, steer.contrastive_pairs(behavior, behavior["questions"][:2]), layers=[1])
+    steer.sweep(model, tok, behavior, vectors, examples, [1], [0.5], max_new_tokens=2, temperature=1.0, seed=0)
+    assert seen and all(p == [steer.chat_prompt(tok, examples[0], behavior)] for p in seen)
+    assert "I think the answer is 7." in tok.decode(seen[0][0])

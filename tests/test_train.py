@@ -59,7 +59,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synthetic, monkey
 def test_guided_and_schedules_run(synthetic):
     _, _, tmp = synthetic
     run(synthetic, "guided", tmp / "guided", "--steps", "2")
-    run(synthetic, "vspo", tmp / "anneal", "--steps", "2", "--schedule", "anneal", "--steer-prompt", "no", "--aggregation", "token_mean")
+    run(synthetic, "vspo", tmp / "anneal", "--steps", "3", "--schedule", "anneal", "--steer-prompt", "no", "--aggregation", "token_mean")
+    by_coeff = [json.loads(l)["behavior_by_coeff"] for l in open(tmp / "anneal" / "log.jsonl")]
+    assert list(by_coeff[0]) == ["0", "20", "40"] and list(by_coeff[1]) == ["0", "10", "20"] and list(by_coeff[-1]) == ["0"]
     run(synthetic, "vspo", tmp / "bf16", "--steps", "2", "--dtype", "bfloat16")  # autocast through sampling and the update
 
 
@@ -84,7 +86,12 @@ def test_bad_input_gives_one_line_errors(synthetic, tmp_path):
     assert "no checkpoint" in error_of(["--behavior", "synthetic", *base, "--resume"])
     for flags, message in ((["--group-size", "1"], "--group-size must be at least 2"),
                            (["--temperature", "0"], "--temperature must be above 0"),
-                           (["--coeffs", "0,x"], "--coeffs '0,x': expected comma-separated numbers")):
+                           (["--coeffs", "0,x"], "--coeffs '0,x': expected comma-separated numbers"),
+                           (["--coeffs", "0,inf"], "--coeffs '0,inf': every value must be a finite number"),
+                           (["--lr", "nan"], "--lr nan: must be a finite number"),
+                           (["--beta", "inf"], "--beta inf: must be a finite number"),
+                           (["--temperature", "nan"], "--temperature nan: must be a finite number"),
+                           (["--lam=-inf"], "--lam -inf: must be a finite number")):
         assert message in error_of(["--behavior", "synthetic", *base, *flags])
     long = tmp_path / "long.jsonl"  # the tiny model has 512 positions
     long.write_text('{"question": "1+1?", "answer": "#### 2"}\n' + json.dumps({"question": "one " * 600, "answer": "#### 1"}) + "\n")

@@ -32,7 +32,19 @@ def test_clipped_surrogate_by_hand(aggregation, want):
     norm = vspo.loss_normalizer(MASK, aggregation, max_new_tokens=4)
     loss, stats = vspo.policy_loss(LOGP, OLD, ADV, MASK, norm, aggregation)
     assert loss.item() == pytest.approx(want, abs=1e-6)
-    assert stats["clip_frac"] == pytest.approx(4 / 5)
+    # the clip binds on row 0's ratio 1.5 (A > 0) and row 1's ratio 0.5 (A < 0); row 0's 0.5 and row 1's 1.5
+    # are past a bound too, but on the side where the unclipped branch is the minimum
+    assert stats["clip_frac"] == pytest.approx(2 / 5)
+
+
+def test_clip_frac_counts_exactly_the_tokens_without_gradient():
+    g = torch.Generator().manual_seed(0)
+    logp = (0.5 * torch.randn(6, 20, generator=g)).requires_grad_()
+    adv, mask = torch.randn(6, generator=g), torch.ones(6, 20, dtype=torch.bool)
+    loss, stats = vspo.policy_loss(logp, torch.zeros(6, 20), adv, mask, 1.0, "token_mean")
+    loss.backward()
+    assert 0 < stats["clip_frac"] < 1
+    assert stats["clip_frac"] == pytest.approx((logp.grad == 0).float().mean().item())
 
 
 def test_clip_higher_widens_only_the_upper_side():
@@ -86,8 +98,11 @@ def test_micro_batches_give_the_full_batch_gradient(aggregation):
 
 def test_intensity_schedules():
     assert vspo.intensity_schedule("stratified", [0.0, 0.5, 1.0], 6).tolist() == [0.0, 0.5, 1.0, 0.0, 0.5, 1.0]
-    assert vspo.intensity_schedule("anneal", [0.0, 0.5, 1.0], 3, step=5, total_steps=10).tolist() == [0.0, 0.25, 0.5]
-    assert vspo.intensity_schedule("anneal", [0.0, 1.0], 2, step=10, total_steps=10).tolist() == [0.0, 0.0]
+    # the training loop passes steps 0 .. steps - 1: full intensities first, the plain policy at the last step
+    anneal = lambda step: vspo.intensity_schedule("anneal", [0.0, 0.5, 1.0], 3, step=step, total_steps=16).tolist()
+    assert anneal(0) == [0.0, 0.5, 1.0] and anneal(15) == [0.0, 0.0, 0.0]
+    assert anneal(5) == pytest.approx([0.0, 0.5 * 2 / 3, 2 / 3])
+    assert vspo.intensity_schedule("anneal", [0.0, 1.0], 2, step=0, total_steps=1).tolist() == [0.0, 1.0]
     draw = lambda seed: vspo.intensity_schedule("random", [0.0, 0.5, 1.0], 16, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(draw(1), draw(1)) and set(draw(1).tolist()) <= {0.0, 0.5, 1.0}
     assert not torch.equal(draw(1), draw(2))
