@@ -19,6 +19,7 @@ sweep's perplexity) without ever building a (rows, time, vocab) tensor.
 
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 import shutil
@@ -75,10 +76,25 @@ class Rollouts:
 SAMPLE_BLOCK = 1024  # tokens per block of the two-level inverse CDF in sample_token
 
 
-def sample_token(logits, temperature, top_k, top_p, generator):
-    """(B, V) logits -> sampled ids (B,) and their log-probs under the distribution actually sampled from:
-    tempered, then truncated by top-k and top-p, renormalised. Greedy when temperature is 0
-    (then the log-probs are those of the untempered distribution).
+def row_uniforms(seed, row_ids, length):
+    """(N, length) float64 uniforms on [0, 1), one stream per row: row r's t-th token is drawn with
+    uniforms[r, t], and its stream depends only on (seed, row_ids[r]). So a row samples the same tokens
+    whichever rows share its batch, whichever rows have finished and been dropped, and on whichever
+    process of a `torchrun` job it lands (train.py gives each rollout its global row id). Drawn on the
+    CPU, so a GPU run draws the same numbers."""
+    def row_seed(row):  # a well-mixed 63-bit seed per (seed, row), so nearby seeds give unrelated streams
+        return int.from_bytes(hashlib.sha256(f"{seed}/{row}".encode()).digest()[:8], "little") >> 1
+
+    return torch.stack([torch.rand(length, dtype=torch.float64, generator=torch.Generator().manual_seed(row_seed(int(r))))
+                        for r in row_ids])
+
+
+def sample_token(logits, temperature, top_k, top_p, u):
+    """(B, V) logits, (B,) float64 uniforms on [0, 1) -> sampled ids (B,) and their log-probs under the
+    distribution actually sampled from: tempered, then truncated by top-k and top-p, renormalised.
+    It draws from that distribution exactly as torch.multinomial would, with u as each row's randomness
+    (inverse-CDF sampling). Greedy when temperature is 0 (then the log-probs are those of the untempered
+    distribution, and u is unused).
 
     Overwrites `logits` (fp32) with unnormalised probabilities: at 32 rows a vocabulary-sized
     temporary is 6 MB, and allocating two of them per decode step (the tempered logits and the
@@ -113,7 +129,7 @@ def sample_token(logits, temperature, top_k, top_p, generator):
     blocks = weights.view(B, -1, SAMPLE_BLOCK)  # (B, nb, SAMPLE_BLOCK)
     block_cdf = blocks.sum(-1).double().cumsum(-1)  # (B, nb)
     total = block_cdf[:, -1:]  # (B, 1)
-    u = torch.rand(B, 1, dtype=torch.float64, device=logits.device, generator=generator) * total
+    u = u.view(B, 1).to(torch.float64) * total
     u = torch.minimum(u, below(total))  # u < total even after rounding
     block = torch.searchsorted(block_cdf, u, right=True)  # (B, 1): the first block whose cdf exceeds u
     before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)  # mass of earlier blocks, <= u
@@ -143,8 +159,11 @@ def left_pad(seqs, device):
 
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), seed=0,
-             vector=None, layer=None, coeffs=None, steer_prompt=True, compact_fraction=0.25):
+             vector=None, layer=None, coeffs=None, steer_prompt=True, compact_fraction=0.25, row_ids=None):
     """Sample n completions for each prompt (a list of id lists) and return `Rollouts`.
+
+    Randomness: row r draws from its own stream, keyed by (seed, row_ids[r]) (default: r), so the same
+    seed and row id give the same sample in any batch (see row_uniforms).
 
     Steering: `vector` (C,) is added at the output of block `layer` with coefficient coeffs[r]
     for row r (coeffs: N = len(prompts) * n values). steer_prompt=True steers the prompt
@@ -171,7 +190,10 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
         raise ValueError("a steering vector needs its layer")
     coeffs = coeffs.to(device)
     prompt_index = torch.arange(N, device=device) // n
-    generator = torch.Generator(device=device).manual_seed(seed)
+    row_ids = range(N) if row_ids is None else list(row_ids)
+    if len(row_ids) != N:
+        raise ValueError(f"row_ids has {len(row_ids)} values, expected len(prompts) * n = {N}")
+    uniforms = row_uniforms(seed, row_ids, max_new_tokens).to(device)  # (N, max_new_tokens)
 
     # 1-2. prefill each distinct prefix once, then copy its cache and last logits to its rows
     prefix_coeff = coeffs if (steering and steer_prompt) else torch.zeros_like(coeffs)
@@ -205,7 +227,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     # runs in it: it writes into the output tensors made above, and the returned ones are made below.
     with torch.inference_mode(), model.prepacked() if N > 1 else contextlib.nullcontext():
         for t in range(max_new_tokens):
-            ids, logp = sample_token(logits, temperature, top_k, top_p, generator)
+            ids, logp = sample_token(logits, temperature, top_k, top_p, uniforms[active, t])
             rows = active[alive]
             out_tokens[rows, t], out_logp[rows, t] = ids[alive], logp[alive]
             hit = alive & torch.isin(ids, stop)

@@ -95,7 +95,8 @@ def test_sampled_frequencies_match_the_distribution(top_k, top_p, monkeypatch):
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(V)
     for _ in range(draws):
-        ids, logp = sample_token(logits.clone(), T, top_k, top_p, g)  # it overwrites its input
+        u = torch.rand(len(logits), dtype=torch.float64, generator=g)
+        ids, logp = sample_token(logits.clone(), T, top_k, top_p, u)  # it overwrites its input
         counts += torch.bincount(ids, minlength=V)
     freq = counts / counts.sum()
     scaled = logits[0] / T
@@ -116,6 +117,20 @@ def test_same_seed_same_samples(tiny):
     run = lambda seed: generate(model, prompts_of(tok), n=3, max_new_tokens=12, temperature=1.0, seed=seed).tokens
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
+
+
+def test_a_rows_sample_depends_on_its_seed_and_row_id_only(tiny):
+    """What makes N processes sample what one process samples: the rows of prompt 1, sampled alone
+    under their global row ids, equal the same rows sampled in the full batch."""
+    model, tok = tiny
+    prompts, v = prompts_of(tok), vector_of(model)
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=4, vector=v, layer=2)
+    full = generate(model, prompts, n=2, coeffs=[0.0, 1.0] * 3, **kw)
+    alone = generate(model, prompts[1:2], n=2, coeffs=[0.0, 1.0], row_ids=[2, 3], **kw)
+    assert [full.completion(2), full.completion(3)] == [alone.completion(0), alone.completion(1)]
+    assert full.completion(2) != full.completion(4)  # and other rows draw other numbers
+    shifted = generate(model, prompts[1:2], n=2, coeffs=[0.0, 1.0], **kw)  # row ids 0, 1: other streams
+    assert [shifted.completion(0), shifted.completion(1)] != [alone.completion(0), alone.completion(1)]
 
 
 def test_stop_handling_and_completion_mask(tiny):
