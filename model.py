@@ -3,9 +3,10 @@ A hand-written decoder-only transformer that loads Hugging Face checkpoints.
 
 Two families share one code path:
   - GPT-2: LayerNorm, learned position embeddings, GELU MLP, biases everywhere.
-  - Llama and its relatives (Llama 2/3/3.2, SmolLM2, Mistral, Qwen2): RMSNorm,
+  - Llama and its relatives (Llama 2/3/3.2, SmolLM2, Mistral, Qwen2, Qwen3): RMSNorm,
     rotary position embeddings (RoPE), SwiGLU MLP, grouped-query attention.
-    Qwen2 adds a bias to q/k/v; Mistral may use a sliding attention window.
+    Qwen2 adds a bias to q/k/v; Qwen3 normalises each query and key head (RMSNorm over
+    head_dim) before RoPE; Mistral may use a sliding attention window.
 
 The one thing this model has that a plain transformer lacks is native
 residual-stream steering (VSPO's sampling-time intervention): `Steer` adds
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -58,6 +59,7 @@ class Config:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm on each query and key head before RoPE
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # only llama3-style scaling is implemented
     sliding_window: int | None = None  # Mistral: a query sees at most this many keys (itself included)
@@ -95,8 +97,8 @@ class Config:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type not in ("default", "llama3"):
                 raise CheckpointError(f"{source}: rope scaling {rope_type!r} is not supported (only default and llama3)")
-            if mt == "qwen2" and hf.get("use_sliding_window"):
-                raise CheckpointError(f"{source}: Qwen2 with use_sliding_window is not supported")
+            if mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+                raise CheckpointError(f"{source}: {mt} with use_sliding_window is not supported")
             n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
             attention_bias = bool(hf.get("attention_bias", False))
             return cls(
@@ -107,7 +109,7 @@ class Config:
                 tie_embeddings=bool(hf.get("tie_word_embeddings", mt != "mistral")),
                 # Llama's attention_bias covers q, k, v and o; Qwen2 always has q/k/v bias and no o bias
                 qkv_bias=attention_bias or mt == "qwen2", o_bias=attention_bias and mt != "qwen2",
-                mlp_bias=bool(hf.get("mlp_bias", False)), rope_theta=float(theta),
+                mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=mt == "qwen3", rope_theta=float(theta),
                 rope_scaling=rope if rope_type == "llama3" else None,
                 sliding_window=hf.get("sliding_window") if mt == "mistral" else None, hf=hf,
             )
@@ -196,12 +198,17 @@ class Attention(nn.Module):
         # at decoding's few rows, one call reads the same weights as three for less overhead
         self.wqkv = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.qkv_bias)
         self.wo = Linear(config.n_head * config.head_dim, config.n_embd, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3: one gain of head_dim shared by every query head, another by every key head
+            self.q_norm, self.k_norm = RMSNorm(config.head_dim, config.norm_eps), RMSNorm(config.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, rope, mask, kv_cache):
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2 Hkv, D): q, k, v heads side by side
         qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
+        if self.qk_norm:  # Qwen3 normalises each head before rotating it
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k heads rotated in one go; cos, sin: (B, T, 1, D)
         q, k = qk.split([H, Hkv], dim=2)
@@ -496,6 +503,8 @@ def _name_pairs(config):
         p = f"model.layers.{i}."
         pairs += [(f"{q}attn_norm.weight", (f"{p}input_layernorm.weight",), False),
                   (f"{q}mlp_norm.weight", (f"{p}post_attention_layernorm.weight",), False)]
+        if config.qk_norm:
+            pairs += [(f"{q}attn.{n}.weight", (f"{p}self_attn.{n}.weight",), False) for n in ("q_norm", "k_norm")]
         for ours, theirs in (("attn.wqkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("attn.wo", ("self_attn.o_proj",)),
                              ("mlp.w_gate_up", ("mlp.gate_proj", "mlp.up_proj")), ("mlp.w_down", ("mlp.down_proj",))):
             pairs += [(f"{q}{ours}.{w}", tuple(f"{p}{t}.{w}" for t in theirs), False) for w in ("weight", "bias")]

@@ -13,7 +13,7 @@ VOCAB = 320
 
 
 def hf_config(kind):
-    """transformers configs of the four architectures, each exercising its own corner."""
+    """transformers configs of the five architectures, each exercising its own corner."""
     import transformers
 
     small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
@@ -26,6 +26,8 @@ def hf_config(kind):
                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
     if kind == "qwen2":  # q/k/v bias, tied embeddings
         return transformers.Qwen2Config(**small, num_key_value_heads=2, tie_word_embeddings=True)
+    if kind == "qwen3":  # q/k norm per head, explicit head_dim != hidden / heads, untied head
+        return transformers.Qwen3Config(**small, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)
     if kind == "mistral":  # sliding window shorter than the test sequences, explicit head_dim != hidden / heads
         return transformers.MistralConfig(**small, num_key_value_heads=1, sliding_window=6, head_dim=24)
     raise ValueError(kind)
@@ -46,9 +48,9 @@ def write_hf_checkpoint(kind, path, seed=0, **save_kwargs):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """{kind: (folder, transformers model)} for gpt2, llama, qwen2, mistral."""
+    """{kind: (folder, transformers model)} for gpt2, llama, qwen2, qwen3, mistral."""
     out = {}
-    for kind in ("gpt2", "llama", "qwen2", "mistral"):
+    for kind in ("gpt2", "llama", "qwen2", "qwen3", "mistral"):
         path = str(tmp_path_factory.mktemp(kind))
         out[kind] = (path, write_hf_checkpoint(kind, path))
     return out

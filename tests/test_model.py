@@ -9,7 +9,7 @@ import torch
 from conftest import VOCAB, write_hf_checkpoint
 from model import CheckpointError, KVCache, Linear, Steer, Transformer
 
-KINDS = ("gpt2", "llama", "qwen2", "mistral")
+KINDS = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
 
 
 def tokens(B=2, T=20, seed=0):
