@@ -415,7 +415,7 @@ class Transformer(nn.Module):
         price is a second copy of the weights kept in memory. Elsewhere (GPU, bf16 weights or autocast,
         no oneDNN) it changes nothing.
         (Writes through `.data` bypass the version counter and are not seen: change weights in place
-        under torch.no_grad(), as optimizers do.)"""
+        under torch.no_grad(), as optimizers do, or call `drop_packed` after writing them otherwise.)"""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         weight = self.lm_head.weight
         if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -430,6 +430,13 @@ class Transformer(nn.Module):
         finally:
             for m in linears:
                 m.use_packed = False
+
+    def drop_packed(self):
+        """Forget the prepacked copies, for weights rewritten where the version counter cannot see it
+        (FSDP2's all-gather into the gathered weights): the next `prepacked` block packs them afresh."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.packed = m.packed_from = None
 
     # -------------------------------------------------------------------------
     # Checkpoint I/O
@@ -462,12 +469,14 @@ class Transformer(nn.Module):
         model.source = path
         return model.eval()
 
-    def save_pretrained(self, out_dir):
-        """Write config.json + model.safetensors in the HF layout (and copy the tokenizer files along)."""
+    def save_pretrained(self, out_dir, state=None):
+        """Write config.json + model.safetensors in the HF layout (and copy the tokenizer files along).
+        `state`: the weights to write, when they are not this module's own (a sharded model's gathered ones)."""
         os.makedirs(out_dir, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state(self.config, self.state_dict()).items()}
+        state = self.state_dict() if state is None else state
+        state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state(self.config, state).items()}
         hf = dict(self.config.hf)
-        hf["dtype" if "dtype" in hf else "torch_dtype"] = str(self.tok_emb.weight.dtype).removeprefix("torch.")
+        hf["dtype" if "dtype" in hf else "torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         tmp = os.path.join(out_dir, "model.safetensors.tmp")
         save_file(state, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # never leave a half-written checkpoint

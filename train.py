@@ -30,6 +30,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import distributed
 import rewards
 import vspo
 from data.problems import DataError
@@ -74,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype (weights stay fp32)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
     return p.parse_args(argv)
 
 
@@ -135,33 +137,42 @@ def score(tok, r, examples, behavior, lam):
     return torch.tensor(out).T  # (3, N)
 
 
-def evaluate(model, tok, examples, behavior, args, autocast):
-    """The unsteered model on held-out problems, sampled at the training temperature with a fixed seed."""
+def evaluate(policy, model, tok, examples, behavior, args, autocast):
+    """The unsteered model on held-out problems, sampled at the training temperature with a fixed seed.
+    Under torchrun each rank samples every W-th problem, under the problem's index as its row id, and
+    the results are gathered: the same samples as one process."""
     model.eval()
-    accs, behs, lens = [], [], []
-    for i in range(0, len(examples), 32):
-        chunk = examples[i:i + 32]
-        prompts = [chat_prompt(tok, ex, behavior) for ex in chunk]
-        with autocast():
-            r = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         stop_ids=tok.stop_ids, seed=args.seed + 12345 + i)
+    d = distributed
+    mine = list(range(len(examples)))[args.dist.rank::args.dist.world]
+    results = []
+    for i in range(0, len(mine), 32):
+        ids = mine[i:i + 32]
+        chunk = [examples[k] for k in ids]
+        with autocast(), d.full_weights(policy):
+            r = policy(generate, [chat_prompt(tok, ex, behavior) for ex in chunk], max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, stop_ids=tok.stop_ids, seed=args.seed + 12345, row_ids=ids)
         _, acc, beh = score(tok, r, chunk, behavior, 1.0)
-        accs += acc.tolist()
-        behs += beh.tolist()
-        lens += r.completion_lens.tolist()
-    n = len(examples)
-    return {"accuracy": sum(accs) / n, "behavior": sum(behs) / n, "length": sum(lens) / n}
+        results += zip(acc.tolist(), beh.tolist(), r.completion_lens.tolist())
+    results = [x for part in d.gather(results) for x in part]
+    n = len(results)
+    return {"accuracy": sum(a for a, _, _ in results) / n, "behavior": sum(b for _, b, _ in results) / n,
+            "length": sum(length for _, _, length in results) / n}
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written atomically, so a run killed at any moment resumes from the last complete one
+# Checkpoints: written atomically, so a run killed at any moment resumes from the last complete one.
+# In the layout of one process (weights in the HF layout, optimizer state keyed by parameter name),
+# so that a run saved with N processes, with or without --fsdp, resumes with M.
 
 
-def save_checkpoint(out, step, model, optimizer):
+def save_checkpoint(out, step, model, optimizer, d):
+    model_state, optimizer_state = distributed.state_dicts(model, optimizer, d)  # under FSDP, all ranks gather
+    if not d.master:
+        return
     tmp = os.path.join(out, f".checkpoint-{step}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    model.save_pretrained(tmp, model_state)
+    torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step}, f)
     final = os.path.join(out, f"checkpoint-{step}")
@@ -175,12 +186,10 @@ def save_checkpoint(out, step, model, optimizer):
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
 
-def load_checkpoint(out, model, optimizer):
-    """-> the step to continue from (0 when there is no checkpoint)."""
-    latest = os.path.join(out, "latest")
-    if not os.path.isfile(latest):
-        return 0
-    with open(latest) as f:
+def load_checkpoint(out, model):
+    """Load the last checkpoint's weights into `model` (before it is wrapped for DDP or FSDP)
+    -> (the step to continue from, the saved optimizer state)."""
+    with open(os.path.join(out, "latest")) as f:
         path = os.path.join(out, f.read().strip())
     from model import Transformer
 
@@ -193,12 +202,18 @@ def load_checkpoint(out, model, optimizer):
     except Exception as e:
         raise ValueError(f"{path}: optimizer.pt or state.json is damaged ({type(e).__name__}), so the run cannot "
                          f"resume from it; start anew with another --out") from None
+    return step, state, path
+
+
+def load_optimizer(model, optimizer, state, path, d):
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
     try:
-        optimizer.load_state_dict(state)
-    except ValueError:  # another number or size of trained tensors
+        if set(state["state"]) != trained:
+            raise ValueError
+        distributed.load_optimizer_state(model, optimizer, state, d)
+    except (RuntimeError, KeyError, TypeError, ValueError):  # other trained tensors, or of other sizes
         raise ValueError(f"{path}/optimizer.pt: saved for other trained parameters (another --train-layers, or an "
-                         f"older version of model.py); resume with the flags of the run, or start anew with another --out") from None
-    return step
+                         f"older version of train.py); resume with the flags of the run, or start anew with another --out") from None
 
 
 def plot(log_path, png_path):
@@ -223,6 +238,20 @@ def plot(log_path, png_path):
 # -----------------------------------------------------------------------------
 
 
+class Policy(torch.nn.Module):
+    """Runs a function of the model (the sampler, or the completions' log-probs) as this module's
+    forward. DDP prepares its gradient all-reduce, and FSDP2 gathers weights, in the forward of the
+    module they wrap, so both the sampler and the loss's forward pass run through this one:
+    policy(generate, prompts, ...) is generate(model, prompts, ...)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = args.out or os.path.join(ROOT, "runs", f"{args.behavior}-{args.algo}-seed{args.seed}")
@@ -236,24 +265,33 @@ def main(argv=None):
         eval_examples = load_examples(args.eval_data, behavior, args.seed + 1)[:args.eval_n]
         if len(train_examples) < args.prompts_per_step:
             raise ValueError(f"{args.data}: {len(train_examples)} problems, fewer than --prompts-per-step {args.prompts_per_step}")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {out} is a file; pass a folder for the run")
+        if args.resume and not os.path.isfile(os.path.join(out, "latest")):
+            raise ValueError(f"--resume: no checkpoint in {out}")
+        if not args.resume and os.path.isfile(os.path.join(out, "latest")):
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or --out for a new one")
+        # under torchrun: one process per device, all of them running this same loop on their share
+        d, args.device = distributed.setup(args.device, args.fsdp, args.prompts_per_step)
+        args.dist = d
+        if d.local_rank != 0:  # the first process of each machine prepares the bundled model alone
+            distributed.barrier()
         model, tok = load_model_and_tokenizer(args.model, args.device)
+        if d.local_rank == 0:
+            distributed.barrier()
         instruction = behavior["positive"] if args.algo == "guided" else None  # guided sampling adds it to the prompt
         check_prompt_lengths(train_examples, args.data, lambda ex: chat_prompt(tok, ex, behavior, instruction), args, model)
         check_prompt_lengths(eval_examples, args.eval_data, lambda ex: chat_prompt(tok, ex, behavior), args, model)
         vector = layer = None
-        if args.algo == "vspo":
-            sv = load_or_extract(model, tok, args.behavior, args.model, layer=args.layer)
+        if args.algo == "vspo":  # extracted (or read) once, by rank 0, and sent to the others
+            sv = distributed.broadcast(load_or_extract(model, tok, args.behavior, args.model, layer=args.layer)
+                                       if d.master else None)
             vector, layer = sv.scaled_direction().to(args.device), sv.layer
             coeffs = given_coeffs or [0.0, sv.intensity / 2, sv.intensity]
     except (ValueError, OSError, DataError) as e:
         sys.exit(f"error: {e}")
-    if os.path.exists(out) and not os.path.isdir(out):
-        sys.exit(f"error: --out {out} is a file; pass a folder for the run")
-    if args.resume and not os.path.isfile(os.path.join(out, "latest")):
-        sys.exit(f"error: --resume: no checkpoint in {out}")
-    if not args.resume and os.path.isfile(os.path.join(out, "latest")):
-        sys.exit(f"error: {out} already holds a run; pass --resume to continue it or --out for a new one")
-    os.makedirs(out, exist_ok=True)
+    if d.master:
+        os.makedirs(out, exist_ok=True)
     torch.manual_seed(args.seed)
     use_bf16 = args.dtype == "bfloat16"
     autocast = lambda: torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -265,49 +303,64 @@ def main(argv=None):
         for block in model.layers[-args.train_layers:]:
             block.requires_grad_(True)
         model.norm.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None  # the frozen initial policy
+    start = 0
     try:
-        start = load_checkpoint(out, model, optimizer) if args.resume else 0
+        if args.resume:
+            start, optimizer_state, checkpoint = load_checkpoint(out, model)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    policy = distributed.wrap(Policy(model), d)  # DDP, FSDP2, or the policy itself
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 replaces them by shards
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    try:
+        if args.resume:
+            load_optimizer(model, optimizer, optimizer_state, checkpoint, d)
     except ValueError as e:
         sys.exit(f"error: {e}")
     log_path = os.path.join(out, "log.jsonl")
     if start == 0:
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-        before = evaluate(model, tok, eval_examples, behavior, args, autocast)
-        with open(os.path.join(out, "eval_before.json"), "w") as f:
-            json.dump(before, f)
-        open(log_path, "w").close()
+        before = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
+        if d.master:
+            with open(os.path.join(out, "args.json"), "w") as f:
+                json.dump({k: v for k, v in vars(args).items() if k != "dist"}, f, indent=1)
+            with open(os.path.join(out, "eval_before.json"), "w") as f:
+                json.dump(before, f)
+            open(log_path, "w").close()
     else:  # drop log lines past the checkpoint: the resumed run writes them again, identically
         with open(os.path.join(out, "eval_before.json")) as f:
             before = json.load(f)
-        lines = [l for l in open(log_path) if json.loads(l)["step"] < start]
-        with open(log_path, "w") as f:
-            f.writelines(lines)
-    print(f"before training (unsteered, {len(eval_examples)} held-out problems): accuracy {before['accuracy']:.2f}, "
-          f"behaviour {before['behavior']:.2f}, length {before['length']:.0f}")
+        if d.master:
+            lines = [l for l in open(log_path) if json.loads(l)["step"] < start]
+            with open(log_path, "w") as f:
+                f.writelines(lines)
+    if d.master:
+        print(f"before training (unsteered, {len(eval_examples)} held-out problems): accuracy {before['accuracy']:.2f}, "
+              f"behaviour {before['behavior']:.2f}, length {before['length']:.0f}")
 
-    G, P = args.group_size, args.prompts_per_step
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.algo} {args.behavior}")
+    G, P, W = args.group_size, args.prompts_per_step, d.world
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.algo} {args.behavior}", disable=not d.master)
     for step in bar:
         t0 = time.time()
         model.eval()
-        # 1. prompts and the intensity of each rollout
+        # 1. prompts and the intensity of each rollout; this process takes prompts [rank P/W, (rank+1) P/W)
         batch = [train_examples[i] for i in batch_indices(len(train_examples), P, step, args.seed)]
-        plain = [chat_prompt(tok, ex, behavior) for ex in batch]
-        sample_prompts = [chat_prompt(tok, ex, behavior, instruction) for ex in batch] if instruction else plain
         if args.algo == "vspo":
             g = torch.Generator().manual_seed(args.seed * 7919 + step)
-            row_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, coeffs, G, step, args.steps, g) for _ in batch])
+            all_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, coeffs, G, step, args.steps, g) for _ in batch])
         else:
-            row_coeffs = torch.zeros(P * G)
+            all_coeffs = torch.zeros(P * G)
+        mine = range(d.rank * P // W, (d.rank + 1) * P // W)
+        batch = [batch[i] for i in mine]
+        rows = range(mine.start * G, mine.stop * G)  # global row ids: what each row's random numbers depend on
+        row_coeffs = all_coeffs[mine.start * G:mine.stop * G]
+        plain = [chat_prompt(tok, ex, behavior) for ex in batch]
+        sample_prompts = [chat_prompt(tok, ex, behavior, instruction) for ex in batch] if instruction else plain
         # 2. rollouts, each row at its own intensity
-        with autocast():
-            r = generate(model, sample_prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         stop_ids=tok.stop_ids, seed=args.seed * 1_000_003 + step, vector=vector, layer=layer,
-                         coeffs=row_coeffs, steer_prompt=args.steer_prompt == "yes")
+        with autocast(), distributed.full_weights(policy):
+            r = policy(generate, sample_prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       stop_ids=tok.stop_ids, seed=args.seed * 1_000_003 + step, vector=vector, layer=layer,
+                       coeffs=row_coeffs, steer_prompt=args.steer_prompt == "yes", row_ids=rows)
         if args.algo == "guided":
             r = with_prompts(r, [p for p in plain for _ in range(G)])
         t_sample = time.time() - t0
@@ -317,67 +370,80 @@ def main(argv=None):
         # 4. group-relative advantages over all G rollouts of a prompt, whatever their intensity
         advantages, zero_spread = vspo.group_advantages(reward, G, scale=args.advantage)
         advantages = advantages.to(args.device)
-        # 5. the update, on the unsteered policy
+        # 5. the update, on the unsteered policy. The normaliser is the whole batch's (summed over ranks);
+        # DDP and FSDP average gradients over ranks, so each rank's loss is scaled by W to give their sum
         t1 = time.time()
         model.train()
         mask = r.completion_mask[:, r.prompt_width:]
-        normalizer = vspo.loss_normalizer(mask, args.aggregation, args.max_new_tokens)
-        micro = [list(range(i, min(i + args.micro_batch, P * G))) for i in range(0, P * G, args.micro_batch)]
+        normalizer = distributed.all_sum(vspo.loss_normalizer(mask, args.aggregation, args.max_new_tokens), d)
+        N = len(rows)
+        micro = [list(range(i, min(i + args.micro_batch, N))) for i in range(0, N, args.micro_batch)]
         old, ref, weights = {}, {}, {}
         with torch.no_grad(), autocast():
-            for rows in micro:
+            for mb in micro:
                 if args.updates_per_batch > 1 or args.old_logprobs == "steered":
-                    old[rows[0]] = completion_logprobs(model, r, rows, args.temperature)[0]
+                    old[mb[0]] = policy(completion_logprobs, r, mb, args.temperature)[0]
                 if ref_model is not None:
-                    ref[rows[0]] = completion_logprobs(ref_model, r, rows, args.temperature)[0]
+                    ref[mb[0]] = completion_logprobs(ref_model, r, mb, args.temperature)[0]
                 if args.old_logprobs == "steered":
-                    sampler = r.logprobs[rows, r.prompt_width:]
-                    weights[rows[0]] = vspo.truncated_is_weights(old[rows[0]], sampler, mask[rows])
+                    sampler = r.logprobs[mb, r.prompt_width:]
+                    weights[mb[0]] = vspo.truncated_is_weights(old[mb[0]], sampler, mask[mb])
         stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
         for _ in range(args.updates_per_batch):
             optimizer.zero_grad(set_to_none=True)
-            for rows in micro:
-                with autocast():
-                    logp, ent = completion_logprobs(model, r, rows, args.temperature)
-                    loss, s = vspo.policy_loss(logp, old.get(rows[0], logp.detach()), advantages[rows], mask[rows], normalizer,
-                                               args.aggregation, ref_logprobs=ref.get(rows[0]), beta=args.beta,
-                                               is_weights=weights.get(rows[0]))
-                loss.backward()
-                share = len(rows) / (P * G) / args.updates_per_batch
+            for mb in micro:
+                with autocast(), distributed.gradient_sync(policy, last=mb is micro[-1]):
+                    logp, ent = policy(completion_logprobs, r, mb, args.temperature)
+                    loss, s = vspo.policy_loss(logp, old.get(mb[0], logp.detach()), advantages[mb], mask[mb], normalizer,
+                                               args.aggregation, ref_logprobs=ref.get(mb[0]), beta=args.beta,
+                                               is_weights=weights.get(mb[0]))
+                    (loss * W).backward()
+                share = len(mb) / (P * G) / args.updates_per_batch
                 stats["loss"] += loss.item() / args.updates_per_batch
                 stats["clip_frac"] += s["clip_frac"] * share
                 stats["kl"] += s["kl"] * share
-                stats["entropy"] += (ent * mask[rows]).sum().item() / max(1, mask[rows].sum().item()) * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+                stats["entropy"] += (ent * mask[mb]).sum().item() / max(1, mask[mb].sum().item()) * share
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
             optimizer.step()
         t_update = time.time() - t1
 
-        lengths = r.completion_lens.float()
-        by_coeff = {f"{c:g}": beh[row_coeffs == c].mean().item() for c in sorted(set(row_coeffs.tolist()))}
+        # the log row, from every rank's rows in global order: the row one process would write
+        local = (reward, acc, beh, r.completion_lens.float(), row_coeffs, r.finish_reasons, zero_spread,
+                 t_sample, t_update, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        parts = distributed.gather([x.cpu() if torch.is_tensor(x) else x for x in local])
+        reward, acc, beh, lengths, all_coeffs = (torch.cat([p[i] for p in parts]) for i in range(5))
+        finish_reasons = [why for p in parts for why in p[5]]
+        stats = {k: distributed.all_sum(v, d) for k, v in stats.items()}
+        by_coeff = {f"{c:g}": beh[all_coeffs == c].mean().item() for c in sorted(set(all_coeffs.tolist()))}
         row = {"step": step, "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
                "accuracy_mean": acc.mean().item(), "behavior_mean": beh.mean().item(), "behavior_by_coeff": by_coeff,
-               "zero_spread_frac": zero_spread / P, "length_mean": lengths.mean().item(), "length_max": lengths.max().item(),
-               "truncated_frac": r.finish_reasons.count("length") / len(r.finish_reasons), **stats, "grad_norm": grad_norm,
-               "seconds_sample": t_sample, "seconds_update": t_update,
-               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+               "zero_spread_frac": sum(p[6] for p in parts) / P, "length_mean": lengths.mean().item(),
+               "length_max": lengths.max().item(), "truncated_frac": finish_reasons.count("length") / len(finish_reasons),
+               **stats, "grad_norm": grad_norm.item(), "seconds_sample": max(p[7] for p in parts),
+               "seconds_update": max(p[8] for p in parts), "peak_rss_gb": max(p[9] for p in parts)}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            row["eval"] = evaluate(model, tok, eval_examples, behavior, args, autocast)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            row["eval"] = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
+        if d.master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", behavior=f"{row['behavior_mean']:.2f}", length=f"{row['length_mean']:.0f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-            save_checkpoint(out, step + 1, model, optimizer)
+            save_checkpoint(out, step + 1, model, optimizer, d)
 
-    after = evaluate(model, tok, eval_examples, behavior, args, autocast)
-    with open(os.path.join(out, "eval_after.json"), "w") as f:
-        json.dump(after, f)
-    model.save_pretrained(os.path.join(out, "final"))
-    print(f"\n| unsteered, {len(eval_examples)} held-out problems | accuracy | behaviour rate | mean length |")
-    print("|---|---|---|---|")
-    for name, m in (("before", before), ("after", after)):
-        print(f"| {name} | {m['accuracy']:.2f} | {m['behavior']:.2f} | {m['length']:.0f} |")
-    plotted = plot(log_path, os.path.join(out, "curves.png"))
-    print(f"\nsaved {out}/final (model), log.jsonl" + (", curves.png" if plotted else " (pip install matplotlib for curves.png)"))
+    after = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
+    model_state, _ = distributed.state_dicts(model, optimizer, d)  # under FSDP, all ranks gather the shards
+    if d.master:
+        with open(os.path.join(out, "eval_after.json"), "w") as f:
+            json.dump(after, f)
+        model.save_pretrained(os.path.join(out, "final"), model_state)
+        print(f"\n| unsteered, {len(eval_examples)} held-out problems | accuracy | behaviour rate | mean length |")
+        print("|---|---|---|---|")
+        for name, m in (("before", before), ("after", after)):
+            print(f"| {name} | {m['accuracy']:.2f} | {m['behavior']:.2f} | {m['length']:.0f} |")
+        plotted = plot(log_path, os.path.join(out, "curves.png"))
+        print(f"\nsaved {out}/final (model), log.jsonl" + (", curves.png" if plotted else " (pip install matplotlib for curves.png)"))
+    distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -102,6 +102,10 @@ SYNTHETIC = {"name": "synthetic", "description": "say the magic word", "positive
              "questions": ["Hi?"] * 16, "layer": 3, "intensity": 1.0, "reward": {}}
 
 
+def synthetic_reward(prompt, completion, example):
+    return float("Q" in completion.text)
+
+
 @pytest.fixture
 def synthetic(tiny_chat_model, tmp_path, monkeypatch):
     """A behaviour the tiny model almost never shows (emitting one particular token), a steering vector
@@ -119,7 +123,7 @@ def synthetic(tiny_chat_model, tmp_path, monkeypatch):
     monkeypatch.setattr(steer, "VECTOR_DIR", str(tmp_path / "vectors"))
     os.makedirs(tmp_path / "behaviors")
     (tmp_path / "behaviors" / "synthetic.json").write_text(json.dumps(SYNTHETIC))
-    monkeypatch.setitem(rewards.REWARDS, "synthetic", lambda prompt, c, ex: float("Q" in c.text))
+    monkeypatch.setitem(rewards.REWARDS, "synthetic", synthetic_reward)
     direction = model.lm_head.weight[magic].detach()
     sv = steer.SteeringVector(direction, 3, resid_norm=float(direction.norm()), intensity=1.0, meta={"hidden_size": 64})
     steer.save_vectors(steer.vector_path(tiny_chat_model, "synthetic"), {3: sv}, 3,
