@@ -22,6 +22,7 @@ fine and produces subtly wrong text; a loud error costs a minute.
 import json
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -71,50 +72,84 @@ class Config:
 
     @classmethod
     def from_hf(cls, hf, source="config.json"):
-        """Build a Config from a parsed config.json (transformers 4.x or 5.x style)."""
+        """Build a Config from a parsed config.json (transformers 4.x or 5.x style). Every value the
+        model uses is checked here, so that a damaged or hand-edited config is a one-line error naming
+        its field rather than a crash (or NaN logits) at the first forward pass."""
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{source}: the top level must be a JSON object, got {type(hf).__name__}")
         mt = hf.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(f"{source}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        try:
-            if mt == "gpt2":
-                act = hf.get("activation_function", "gelu_new")
-                if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                    raise CheckpointError(f"{source}: GPT-2 activation {act!r} is not supported (only gelu_new)")
-                if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-                    raise CheckpointError(f"{source}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported")
-                n_embd, n_head = hf["n_embd"], hf["n_head"]
-                return cls(
-                    model_type=mt, vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=n_head, n_kv_head=n_head,
-                    n_embd=n_embd, head_dim=n_embd // n_head, intermediate_size=hf.get("n_inner") or 4 * n_embd,
-                    max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                    tie_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True, hf=hf,
-                )
-            if hf.get("hidden_act", "silu") != "silu":
-                raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-            # transformers 5 folds rope_theta and rope_scaling into one `rope_parameters` dict
-            rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-            theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type not in ("default", "llama3"):
-                raise CheckpointError(f"{source}: rope scaling {rope_type!r} is not supported (only default and llama3)")
-            if mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
-                raise CheckpointError(f"{source}: {mt} with use_sliding_window is not supported")
-            n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
-            attention_bias = bool(hf.get("attention_bias", False))
+
+        def num(name, default=None, kind=int, within=None):
+            """hf[name] (default when absent or null): a positive integer, or a positive finite number."""
+            v = (within if within is not None else hf).get(name)
+            if v is None:
+                if default is None:
+                    raise CheckpointError(f"{source}: missing field {name!r} for model_type {mt!r}")
+                return default
+            ok = isinstance(v, int) if kind is int else isinstance(v, (int, float)) and math.isfinite(v)
+            if isinstance(v, bool) or not ok or v <= 0:
+                what = "a positive integer" if kind is int else "a positive finite number"
+                raise CheckpointError(f"{source}: {name} must be {what}, got {v!r}")
+            return kind(v)
+
+        if mt == "gpt2":
+            act = hf.get("activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise CheckpointError(f"{source}: GPT-2 activation {act!r} is not supported (only gelu_new)")
+            if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+                raise CheckpointError(f"{source}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, "
+                                      f"reorder_and_upcast_attn) are not supported")
+            n_embd, n_head = num("n_embd"), num("n_head")
+            if n_embd % n_head:
+                raise CheckpointError(f"{source}: n_embd {n_embd} does not divide into n_head {n_head} heads")
             return cls(
-                model_type=mt, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-                n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
-                head_dim=hf.get("head_dim") or n_embd // n_head, intermediate_size=hf["intermediate_size"],
-                max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                tie_embeddings=bool(hf.get("tie_word_embeddings", mt != "mistral")),
-                # Llama's attention_bias covers q, k, v and o; Qwen2 always has q/k/v bias and no o bias
-                qkv_bias=attention_bias or mt == "qwen2", o_bias=attention_bias and mt != "qwen2",
-                mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=mt == "qwen3", rope_theta=float(theta),
-                rope_scaling=rope if rope_type == "llama3" else None,
-                sliding_window=hf.get("sliding_window") if mt == "mistral" else None, hf=hf,
+                model_type=mt, vocab_size=num("vocab_size"), n_layer=num("n_layer"), n_head=n_head, n_kv_head=n_head,
+                n_embd=n_embd, head_dim=n_embd // n_head, intermediate_size=num("n_inner", 4 * n_embd),
+                max_seq_len=num("n_positions"), norm_eps=num("layer_norm_epsilon", 1e-5, float),
+                tie_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True, hf=hf,
             )
-        except KeyError as e:
-            raise CheckpointError(f"{source}: missing field {e.args[0]!r} for model_type {mt!r}") from None
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        # transformers 5 folds rope_theta and rope_scaling into one `rope_parameters` dict
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"{source}: rope_scaling must be an object, got {rope!r}")
+        rope = dict(rope)
+        theta = num("rope_theta", 10000.0, float, within=rope if "rope_theta" in rope else hf)
+        rope.pop("rope_theta", None)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise CheckpointError(f"{source}: rope scaling {rope_type!r} is not supported (only default and llama3)")
+        if rope_type == "llama3":
+            for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                num(name, kind=float, within=rope)
+            if rope["high_freq_factor"] <= rope["low_freq_factor"]:
+                raise CheckpointError(f"{source}: llama3 rope_scaling needs high_freq_factor > low_freq_factor")
+        if mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+            raise CheckpointError(f"{source}: {mt} with use_sliding_window is not supported")
+        n_embd, n_head = num("hidden_size"), num("num_attention_heads")
+        n_kv_head = num("num_key_value_heads", n_head)
+        if n_head % n_kv_head:
+            raise CheckpointError(f"{source}: num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_kv_head}")
+        if "head_dim" not in hf and n_embd % n_head:
+            raise CheckpointError(f"{source}: hidden_size {n_embd} does not divide into {n_head} heads, and no head_dim is given")
+        head_dim = num("head_dim", n_embd // n_head)
+        if head_dim % 2:
+            raise CheckpointError(f"{source}: head_dim {head_dim} is odd; RoPE rotates pairs of dimensions")
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            model_type=mt, vocab_size=num("vocab_size"), n_layer=num("num_hidden_layers"), n_head=n_head,
+            n_kv_head=n_kv_head, n_embd=n_embd, head_dim=head_dim, intermediate_size=num("intermediate_size"),
+            max_seq_len=num("max_position_embeddings", 2048), norm_eps=num("rms_norm_eps", 1e-6, float),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", mt != "mistral")),
+            # Llama's attention_bias covers q, k, v and o; Qwen2 always has q/k/v bias and no o bias
+            qkv_bias=attention_bias or mt == "qwen2", o_bias=attention_bias and mt != "qwen2",
+            mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=mt == "qwen3", rope_theta=theta,
+            rope_scaling=rope if rope_type == "llama3" else None,
+            sliding_window=num("sliding_window", 0) or None if mt == "mistral" else None, hf=hf,
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -455,9 +490,13 @@ class Transformer(nn.Module):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
         config = Config.from_hf(hf, config_path)
+        found = _read_safetensors(path)
+        layers = {int(m.group(1)) for key in found if (m := re.match(r"(?:model\.layers|transformer\.h|h)\.(\d+)\.", key))}
+        if config.n_layer > len(layers):  # before building the model, which a huge count would make slow
+            raise CheckpointError(f"{config_path}: {config.n_layer} layers, but the weights in {path} hold {len(layers)}")
         with torch.device("meta"):  # no memory is spent on random weights that are overwritten at once
             model = cls(config)
-        state = _check_and_convert(model, _read_safetensors(path), path)
+        state = _check_and_convert(model, found, path)
         state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
         if config.tie_embeddings:
             state["lm_head.weight"] = state["tok_emb.weight"]
@@ -569,7 +608,13 @@ def _read_safetensors(path):
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: not a valid shard index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
+        folder = os.path.realpath(path)
+        for name in files:  # a shard is a file of this checkpoint: never a path that leads out of its folder
+            if os.path.dirname(os.path.realpath(os.path.join(folder, name))) != folder:
+                raise CheckpointError(f"{index_path}: shard {name!r} is not a file inside the checkpoint folder")
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         weight_map, files = None, ["model.safetensors"]
     else:
@@ -608,8 +653,13 @@ def _check_and_convert(model, found, path):
     for key, want in expected.items():
         if key not in found:
             raise CheckpointError(f"{path}: missing tensor {key} (needed by this {config.model_type} config)")
-        if tuple(found[key][0].shape) != tuple(want.shape):
-            raise CheckpointError(f"{where(key)}: tensor {key} has shape {tuple(found[key][0].shape)}, config.json implies {tuple(want.shape)}")
+        t = found[key][0]
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(f"{where(key)}: tensor {key} has shape {tuple(t.shape)}, config.json implies {tuple(want.shape)}")
+        if not t.is_floating_point():  # a silent cast would turn an integer or bool tensor into nonsense weights
+            raise CheckpointError(f"{where(key)}: tensor {key} is {t.dtype}; weights must be floating point")
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{where(key)}: tensor {key} holds NaN or infinite values")
     for key in found:
         if key in expected or _is_ignorable(config, key):
             continue

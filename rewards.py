@@ -37,8 +37,12 @@ _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
 
 
 def parse_number(s):
-    """'1,234' '-3.50' '7/2' '$12' -> Fraction, or None. Fractions keep 0.5 == 1/2 exact."""
+    """'1,234' '-3.50' '7/2' '$12' -> Fraction, or None. Fractions keep 0.5 == 1/2 exact.
+    Only plain decimals and fractions of at most 64 characters: an answer such as '1e10000000' would
+    make Fraction compute a ten-million-digit integer, once per scored rollout."""
     s = s.strip().replace(",", "").replace("$", "").rstrip(".")
+    if len(s) > 64 or not re.fullmatch(r"-?\d+(?:\.\d+)?(?:/\d+)?", s):
+        return None
     try:
         if "/" in s:
             num, den = s.split("/")

@@ -46,6 +46,7 @@ class Rollouts:
     coeffs: torch.Tensor  # (N,) steering coefficient each row was sampled with
     prompt_index: torch.Tensor  # (N,) which prompt each row came from
     prompt_width: int  # P: the completion starts at this column
+    vocab_size: int  # ids below it could be sampled: the tokenizer's ids, not the embedding's padding rows
 
     @property
     def padding_mask(self):
@@ -126,7 +127,7 @@ def sample_token(logits, temperature, top_k, top_p, u):
     weights = logits.sub_(logits.amax(-1, keepdim=True)).exp_()  # (B, V), in place
     if V % SAMPLE_BLOCK:
         weights = F.pad(weights, (0, -V % SAMPLE_BLOCK))
-    blocks = weights.view(B, -1, SAMPLE_BLOCK)  # (B, nb, SAMPLE_BLOCK)
+    blocks = weights.reshape(B, -1, SAMPLE_BLOCK)  # (B, nb, SAMPLE_BLOCK); a view unless logits were sliced
     block_cdf = blocks.sum(-1).double().cumsum(-1)  # (B, nb)
     total = block_cdf[:, -1:]  # (B, 1)
     u = u.view(B, 1).to(torch.float64) * total
@@ -159,7 +160,8 @@ def left_pad(seqs, device):
 
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), seed=0,
-             vector=None, layer=None, coeffs=None, steer_prompt=True, compact_fraction=0.25, row_ids=None):
+             vector=None, layer=None, coeffs=None, steer_prompt=True, compact_fraction=0.25, row_ids=None,
+             vocab_size=None):
     """Sample n completions for each prompt (a list of id lists) and return `Rollouts`.
 
     Randomness: row r draws from its own stream, keyed by (seed, row_ids[r]) (default: r), so the same
@@ -170,6 +172,9 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     positions too; False steers generated positions only (so the first new token, predicted from the
     last prompt position, is sampled unsteered). The same seed gives the same samples.
     compact_fraction: drop finished rows from the active batch once they are this share of it.
+    vocab_size: sample only ids below it (the tokenizer's vocabulary), when the model's embedding has
+    padding rows beyond it (Qwen2.5: 151,936 rows for 151,665 ids); the log-probs are then those of the
+    distribution over real ids, and `completion_logprobs` scores with the same restriction.
     """
     device = next(model.parameters()).device
     B, N = len(prompts), len(prompts) * n
@@ -206,6 +211,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     steer = Steer(vector, layer, torch.tensor([c for _, c in unique], device=device)) if steering and steer_prompt else None
     h, _ = model.hidden(tokens, positions=positions, padding_mask=pmask if padded else None, kv_cache=cache, steer=steer)
     logits = model.lm_head(h[:, -1])  # only the last position: the vocabulary projection is the costliest matmul
+    V = min(vocab_size or logits.size(-1), logits.size(-1))
     cache.select(row_to_prefix, P + max_new_tokens)
     logits = logits[row_to_prefix]  # (N, V)
     prompt_mask = pmask[row_to_prefix]  # (N, P)
@@ -227,7 +233,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     # runs in it: it writes into the output tensors made above, and the returned ones are made below.
     with torch.inference_mode(), model.prepacked() if N > 1 else contextlib.nullcontext():
         for t in range(max_new_tokens):
-            ids, logp = sample_token(logits, temperature, top_k, top_p, uniforms[active, t])
+            ids, logp = sample_token(logits[:, :V], temperature, top_k, top_p, uniforms[active, t])
             rows = active[alive]
             out_tokens[rows, t], out_logp[rows, t] = ids[alive], logp[alive]
             hit = alive & torch.isin(ids, stop)
@@ -255,7 +261,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
         completion_mask=torch.cat([torch.zeros(N, P, dtype=torch.bool, device=device), completion_mask], 1),
         logprobs=torch.cat([torch.zeros(N, P, device=device), out_logp[:, :G] * completion_mask], 1),
         finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
-        coeffs=coeffs, prompt_index=prompt_index, prompt_width=P,
+        coeffs=coeffs, prompt_index=prompt_index, prompt_width=P, vocab_size=V,
     )
 
 
@@ -285,7 +291,8 @@ def completion_logprobs(model, r, rows, temperature, chunk=512):
     h_sel, t_sel = h[mask], targets[mask]  # (M, C), (M,)
     logp, ent = [h_sel.new_zeros(0, dtype=torch.float32)], [h_sel.new_zeros(0, dtype=torch.float32)]
     for i in range(0, len(t_sel), chunk):
-        lp, e = checkpoint(_chunk_logprobs, h_sel[i:i + chunk], model.lm_head.weight, t_sel[i:i + chunk], temperature, use_reentrant=False)
+        lp, e = checkpoint(_chunk_logprobs, h_sel[i:i + chunk], model.lm_head.weight[:r.vocab_size], t_sel[i:i + chunk],
+                           temperature, use_reentrant=False)
         logp.append(lp)
         ent.append(e)
     zeros = torch.zeros(mask.shape, device=h.device)
@@ -354,7 +361,7 @@ def main():
         prompt = tok.chat([{"role": "user", "content": args.prompt}])
         t0 = time.time()
         r = generate(model, [prompt] * len(coeffs), n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_p=args.top_p, stop_ids=tok.stop_ids, seed=args.seed, vector=vector, layer=layer,
+                     top_p=args.top_p, stop_ids=tok.stop_ids, seed=args.seed, vector=vector, layer=layer, vocab_size=tok.vocab_size,
                      coeffs=[c for c in coeffs for _ in range(args.n)], steer_prompt=args.steer_prompt == "yes")
         elapsed = time.time() - t0
     except (ValueError, OSError) as e:

@@ -55,6 +55,8 @@ def load_behavior(name):
     fields = {"name": str, "positive": str, "negative": str, "questions": list, "layer": int, "intensity": (int, float)}
     got = behavior if isinstance(behavior, dict) else {}
     wrong = [k for k, kind in fields.items() if not isinstance(got.get(k), kind)]
+    if "intensity" not in wrong and not math.isfinite(got["intensity"]):  # Python's JSON reader accepts NaN
+        wrong.append("intensity (not finite)")
     if wrong or not got["questions"]:
         raise ValueError(f"{path}: needs {', '.join(fields)} (see data/behaviors/verbosity.json); missing or mistyped: "
                          f"{', '.join(wrong) or 'questions (empty)'}")
@@ -72,9 +74,15 @@ def load_model_and_tokenizer(path=None, device="cpu", dtype=torch.float32):
 
         path = prepare()
     try:
-        return Transformer.from_pretrained(path, device=device, dtype=dtype), Tokenizer.from_pretrained(path)
+        model, tok = Transformer.from_pretrained(path, device=device, dtype=dtype), Tokenizer.from_pretrained(path)
     except (CheckpointError, TokenizerError) as e:
         raise ValueError(str(e)) from None
+    # More embedding rows than token ids is normal (Qwen2.5 pads 151,665 ids to 151,936 rows): the sampler
+    # is then told to draw only real ids. Fewer rows would leave ids without an embedding.
+    if model.config.vocab_size < tok.vocab_size:
+        raise ValueError(f"{path}: the model has {model.config.vocab_size} embedding rows but the tokenizer has "
+                         f"{tok.vocab_size} ids; the tokenizer files belong to another model")
+    return model, tok
 
 
 def user_prompt(question, instruction=None):
@@ -196,7 +204,10 @@ def save_vectors(path, vectors, chosen_layer, meta):
 
 
 def load_vectors(path):
-    """-> ({layer: SteeringVector}, metadata). Default intensities are those recorded for the chosen layer."""
+    """-> ({layer: SteeringVector}, metadata). Default intensities are those recorded for the chosen layer.
+    The tensors themselves are checked, not only the metadata: a vector that is not a finite, non-zero
+    float vector of the recorded hidden size, or a norm or intensity that is not a finite number, is a
+    one-line error here rather than a crash in the sampler."""
     try:
         with safe_open(path, framework="pt") as f:
             info = json.loads(f.metadata()["vspo"])
@@ -208,7 +219,33 @@ def load_vectors(path):
                                             {k: v for k, v in m.items() if k != "resid_norm"})
     except Exception as e:
         raise ValueError(f"{path}: not a steering vector file written by steer.py ({str(e).splitlines()[0]})") from None
+    for l, sv in vectors.items():
+        why = _unusable(sv, info.get("hidden_size"))
+        if why:
+            raise ValueError(f"{path}: the vector of layer {l} {why}; delete the file to extract the vectors again")
+    if info.get("chosen_layer") not in vectors:
+        raise ValueError(f"{path}: chosen_layer {info.get('chosen_layer')!r} is not one of its layers; delete the file "
+                         f"to extract the vectors again")
     return vectors, info
+
+
+def _unusable(sv, hidden_size):
+    """Why a loaded steering vector cannot be used, or None."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    v = sv.vector
+    if not v.is_floating_point():
+        return f"is {v.dtype}, not floating point"
+    if tuple(v.shape) != (hidden_size,):
+        return f"has shape {tuple(v.shape)}, not ({hidden_size},)"
+    if not torch.isfinite(v).all():
+        return "holds NaN or infinite values"
+    if not v.any():
+        return "is zero, so it has no direction"
+    if not number(sv.resid_norm) or sv.resid_norm <= 0:
+        return f"has resid_norm {sv.resid_norm!r}, not a positive number"
+    if not number(sv.intensity):
+        return f"has intensity {sv.intensity!r}, not a finite number"
+    return None
 
 
 def definition_hash(behavior):
@@ -250,6 +287,9 @@ def load_or_extract_all(model, tok, behavior_name, model_path=None):
     behavior = load_behavior(behavior_name)
     if os.path.isfile(path):
         vectors, info = load_vectors(path)
+        if max(vectors) >= model.config.n_layer:
+            raise ValueError(f"{path}: a vector for layer {max(vectors)}, but the model has layers 0..{model.config.n_layer - 1}; "
+                             f"delete the file to extract the vectors again")
         if info.get("model_fingerprint") != fingerprint or info.get("hidden_size") != model.config.n_embd:
             print(f"{path}: extracted from another model than {model_path or DEFAULT_MODEL}; extracting again")
         elif info.get("definition") != definition_hash(behavior):
@@ -304,13 +344,15 @@ def sweep(model, tok, behavior, vectors, examples, layers, intensities, max_new_
     fn = (lambda p, c, ex: behavior_fn(p, c, ex, **kw)) if behavior_fn else None
     prompts = [chat_prompt(tok, ex, behavior) for ex in examples]  # as training builds them (robustness: with the hint)
     results = []
-    base = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed)
+    base = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed,
+                    vocab_size=tok.vocab_size)
     baseline = {"layer": "-", "intensity": 0.0, **rollout_stats(model, tok, base, examples, fn)}
     print_row(baseline, header=True)
     for layer in layers:
         for a in intensities:
             t0 = time.time()
             r = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids,
+                         vocab_size=tok.vocab_size,
                          seed=seed, vector=vectors[layer].scaled_direction(), layer=layer, coeffs=[a] * len(prompts),
                          steer_prompt=steer_prompt)
             row = {"layer": layer, "intensity": a, **rollout_stats(model, tok, r, examples, fn), "seconds": time.time() - t0}

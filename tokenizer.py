@@ -53,7 +53,10 @@ def _split_pattern(pre, source):
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return DIGITS_THEN_GPT2_PATTERN
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and steps[0].get("behavior") == "Isolated":
-        return steps[0]["pattern"]["Regex"]  # Llama 3, Qwen2: the regex is spelled out
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if not isinstance(regex, str):  # a String pattern splits on a literal, which tiktoken's regex cannot express
+            raise TokenizerError(f"{source}: a Split pre-tokenizer needs a Regex pattern; {steps[0].get('pattern')!r} is not supported")
+        return regex  # Llama 3, Qwen2: the regex is spelled out
     raise TokenizerError(f"{source}: pre-tokenizer {kinds} is not supported (byte-level BPE only: GPT-2, Llama 3, SmolLM2, Qwen2)")
 
 
@@ -75,26 +78,46 @@ class Tokenizer:
                 tj = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise TokenizerError(f"{tj_path}: not valid JSON ({e})") from None
-        model = tj.get("model") or {}
+        if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
+            raise TokenizerError(f"{tj_path}: no \"model\" object; not a tokenizer.json written by the tokenizers library")
+        model = tj["model"]
         if model.get("type") != "BPE" or model.get("byte_fallback") or tj.get("normalizer"):
             raise TokenizerError(f"{tj_path}: only byte-level BPE tokenizers are supported; SentencePiece-style ones "
                                  "(Llama 2, Mistral v0.1: byte fallback or a normalizer) are out of scope for now")
         pattern = _split_pattern(tj.get("pre_tokenizer"), tj_path)
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        vocab, merges, added = model.get("vocab"), model.get("merges", []), tj.get("added_tokens", [])
+        if not isinstance(vocab, dict) or not isinstance(merges, list) or not isinstance(added, list):
+            raise TokenizerError(f"{tj_path}: model.vocab must be an object and model.merges, added_tokens lists")
+        if not all(isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int) for t in added):
+            raise TokenizerError(f"{tj_path}: every entry of added_tokens needs a string content and an integer id")
         # every added token, even one marked special=false (Qwen's <tool_call>), is only ever inserted by id:
         # text from data never turns into one
-        special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-        # tiktoken merges the pair whose result has the lowest rank, so ranks can be token ids only if ids
-        # grow in merge order (true for tokenizers trained by BPE, and for those exported from tiktoken)
-        vocab = model["vocab"]
-        ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items() if tok not in special}
-        last = -1
-        for m in model.get("merges", []):
+        special = {t["content"]: t["id"] for t in added}
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        ordinary = {tok: i for tok, i in vocab.items() if tok not in special}
+        clash = set(special.values()) & set(ordinary.values())
+        if clash:
+            raise TokenizerError(f"{tj_path}: added token id {min(clash)} is also the id of an ordinary token")
+        strange = next((tok for tok in ordinary if any(c not in byte_of for c in tok)), None)
+        if strange is not None:
+            raise TokenizerError(f"{tj_path}: vocab entry {strange!r} is not byte-level BPE (a SentencePiece '\u2581' "
+                                 f"vocabulary?); only byte-level BPE tokenizers are supported")
+        ranks = {bytes(byte_of[c] for c in tok): i for tok, i in ordinary.items()}
+        # tiktoken merges the pair whose result has the lowest rank, so ranks can be token ids only if ids grow
+        # in merge order (true for tokenizers trained by BPE, and for those exported from tiktoken) and if the
+        # merges build every multi-byte entry of the vocabulary, as BPE itself would
+        last, built = -1, set()
+        for m in merges:
             a, b = m.split(" ") if isinstance(m, str) else m
             rank = vocab.get(a + b)
             if rank is None or rank <= last:
                 raise TokenizerError(f"{tj_path}: merge {a!r} + {b!r} is out of id order; tiktoken cannot reproduce this vocabulary")
             last = rank
+            built.add(a + b)
+        unbuilt = next((tok for tok in ordinary if len(tok) > 1 and tok not in built), None)
+        if unbuilt is not None:
+            raise TokenizerError(f"{tj_path}: vocab entry {unbuilt!r} is built by no merge, so its ids cannot be "
+                                 f"reproduced (incomplete merges)")
         enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(path)), pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
         chat_format, default_system = "plain", None
         if "<|im_start|>" in special:
@@ -102,8 +125,14 @@ class Tokenizer:
             tc_path = os.path.join(path, "tokenizer_config.json")
             template = ""
             if os.path.isfile(tc_path):
-                with open(tc_path, encoding="utf-8") as f:
-                    template = json.load(f).get("chat_template") or ""
+                try:
+                    with open(tc_path, encoding="utf-8") as f:
+                        template = json.load(f).get("chat_template") or ""
+                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                    raise TokenizerError(f"{tc_path}: not a valid tokenizer config ({type(e).__name__})") from None
+                if not isinstance(template, str):  # a list of named templates (some checkpoints): the default one
+                    template = next((t.get("template", "") for t in template if isinstance(t, dict)
+                                     and t.get("name") == "default"), "")
             # the system message the template inserts when the conversation has none (SmolLM2, Qwen2)
             found = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template)
             default_system = found.group(1) if found and "message" not in found.group(1) else None

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -150,7 +151,8 @@ def evaluate(policy, model, tok, examples, behavior, args, autocast):
         chunk = [examples[k] for k in ids]
         with autocast(), d.full_weights(policy):
             r = policy(generate, [chat_prompt(tok, ex, behavior) for ex in chunk], max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, stop_ids=tok.stop_ids, seed=args.seed + 12345, row_ids=ids)
+                       temperature=args.temperature, stop_ids=tok.stop_ids, seed=args.seed + 12345, row_ids=ids,
+                       vocab_size=tok.vocab_size)
         _, acc, beh = score(tok, r, chunk, behavior, 1.0)
         results += zip(acc.tolist(), beh.tolist(), r.completion_lens.tolist())
     results = [x for part in d.gather(results) for x in part]
@@ -165,22 +167,34 @@ def evaluate(policy, model, tok, examples, behavior, args, autocast):
 # so that a run saved with N processes, with or without --fsdp, resumes with M.
 
 
+def remove(path):
+    """Delete a file, folder or link at `path` (a link itself, never what it points to)."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
 def save_checkpoint(out, step, model, optimizer, d):
     model_state, optimizer_state = distributed.state_dicts(model, optimizer, d)  # under FSDP, all ranks gather
     if not d.master:
         return
+    # temporaries are made anew, never followed: a link left in the run folder cannot redirect a write
     tmp = os.path.join(out, f".checkpoint-{step}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove(tmp)
+    os.mkdir(tmp)
     model.save_pretrained(tmp, model_state)
     torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step}, f)
     final = os.path.join(out, f"checkpoint-{step}")
-    shutil.rmtree(final, ignore_errors=True)
+    remove(final)
     os.replace(tmp, final)
-    with open(os.path.join(out, "latest.tmp"), "w") as f:
+    latest_tmp = os.path.join(out, "latest.tmp")
+    remove(latest_tmp)
+    with os.fdopen(os.open(latest_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as f:
         f.write(f"checkpoint-{step}")
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    os.replace(latest_tmp, os.path.join(out, "latest"))
     for name in os.listdir(out):  # keep only the newest
         if name.startswith("checkpoint-") and name != f"checkpoint-{step}":
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
@@ -189,20 +203,53 @@ def save_checkpoint(out, step, model, optimizer, d):
 def load_checkpoint(out, model):
     """Load the last checkpoint's weights into `model` (before it is wrapped for DDP or FSDP)
     -> (the step to continue from, the saved optimizer state)."""
-    with open(os.path.join(out, "latest")) as f:
-        path = os.path.join(out, f.read().strip())
-    from model import Transformer
+    latest = os.path.join(out, "latest")
+    with open(latest, errors="replace") as f:
+        name = f.read().strip()
+    path = os.path.join(out, name)
+    # `latest` names a checkpoint folder of this run, nothing else (not ../elsewhere, not an absolute path)
+    if not re.fullmatch(r"checkpoint-\d+", name) or os.path.islink(path) or not os.path.isdir(path):
+        raise ValueError(f"{latest}: names {name[:60]!r}, not a checkpoint-N folder of this run; start anew with another --out")
+    from model import CheckpointError, Transformer
 
-    saved = Transformer.from_pretrained(path, device=next(model.parameters()).device)
-    model.load_state_dict(saved.state_dict())
+    try:
+        saved = Transformer.from_pretrained(path, device=next(model.parameters()).device)
+        model.load_state_dict(saved.state_dict())
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    except RuntimeError:  # another architecture or size than --model
+        raise ValueError(f"{path}: a checkpoint of another model than --model {model.source}; resume with the "
+                         f"run's own --model, or start anew with another --out") from None
     try:  # a damaged file raises whatever its first bad byte triggers in the reader
         state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)  # never unpickle code
         with open(os.path.join(path, "state.json")) as f:
             step = json.load(f)["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TypeError(f"step {step!r}")
     except Exception as e:
         raise ValueError(f"{path}: optimizer.pt or state.json is damaged ({type(e).__name__}), so the run cannot "
                          f"resume from it; start anew with another --out") from None
     return step, state, path
+
+
+def read_log(log_path, start):
+    """The log rows before step `start`. A torn last line (a kill or a full disk mid-write) is dropped, as
+    rows past the checkpoint are: the resumed run writes them again. A bad line elsewhere is an error."""
+    lines = open(log_path, errors="replace").read().split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if i >= len(lines) - 2:  # the last line (the text may or may not end with a newline)
+                break
+            raise ValueError(f"{log_path}:{i + 1}: not a log row; the run folder is damaged") from None
+        if step < start:
+            rows.append(line + "\n")
+    return rows
 
 
 def load_optimizer(model, optimizer, state, path, d):
@@ -271,6 +318,10 @@ def main(argv=None):
             raise ValueError(f"--resume: no checkpoint in {out}")
         if not args.resume and os.path.isfile(os.path.join(out, "latest")):
             raise ValueError(f"{out} already holds a run; pass --resume to continue it or --out for a new one")
+        for name in ("latest", "log.jsonl", "args.json", "eval_before.json", "eval_after.json", "final", "curves.png"):
+            if os.path.islink(os.path.join(out, name)):  # writing it would write wherever it points
+                raise ValueError(f"{os.path.join(out, name)} is a link; a run folder holds its own files only: "
+                                 f"remove it or pass another --out")
         # under torchrun: one process per device, all of them running this same loop on their share
         d, args.device = distributed.setup(args.device, args.fsdp, args.prompts_per_step)
         args.dist = d
@@ -327,13 +378,18 @@ def main(argv=None):
             with open(os.path.join(out, "eval_before.json"), "w") as f:
                 json.dump(before, f)
             open(log_path, "w").close()
-    else:  # drop log lines past the checkpoint: the resumed run writes them again, identically
-        with open(os.path.join(out, "eval_before.json")) as f:
-            before = json.load(f)
-        if d.master:
-            lines = [l for l in open(log_path) if json.loads(l)["step"] < start]
-            with open(log_path, "w") as f:
-                f.writelines(lines)
+    elif d.master:  # drop log lines past the checkpoint: the resumed run writes them again, identically
+        try:
+            with open(os.path.join(out, "eval_before.json")) as f:
+                before = json.load(f)
+            lines = read_log(log_path, start)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            sys.exit(f"error: {out}: eval_before.json or log.jsonl is missing or damaged, so the run cannot resume; "
+                     f"start anew with another --out")
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        with open(log_path, "w") as f:
+            f.writelines(lines)
     if d.master:
         print(f"before training (unsteered, {len(eval_examples)} held-out problems): accuracy {before['accuracy']:.2f}, "
               f"behaviour {before['behavior']:.2f}, length {before['length']:.0f}")
@@ -360,7 +416,8 @@ def main(argv=None):
         with autocast(), distributed.full_weights(policy):
             r = policy(generate, sample_prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        stop_ids=tok.stop_ids, seed=args.seed * 1_000_003 + step, vector=vector, layer=layer,
-                       coeffs=row_coeffs, steer_prompt=args.steer_prompt == "yes", row_ids=rows)
+                       coeffs=row_coeffs, steer_prompt=args.steer_prompt == "yes", row_ids=rows,
+                       vocab_size=tok.vocab_size)
         if args.algo == "guided":
             r = with_prompts(r, [p for p in plain for _ in range(G)])
         t_sample = time.time() - t0

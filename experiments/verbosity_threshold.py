@@ -1,16 +1,21 @@
 """
-How rare is verbosity without steering, and how common with it? The table that picks N.
+How rare is verbosity without steering, and how common with it, per rollout and per group? The
+table that picks N and the token budget.
 
-    python -m experiments.verbosity_threshold             # ~10 min on 2 CPU cores
+    python -m experiments.verbosity_threshold             # 48 problems x 6 samples per setting: ~40 min on 2 CPU cores
     python -m experiments.verbosity_threshold --problems 4 --intensities 0.15 --max-new-tokens 40   # seconds
 
 rewards.verbosity pays for an answer of at least N tokens that ends on its own, gives a final
 answer and is not repetitive. VSPO's premise is a gap: the behaviour rare for the unsteered
-model (at most ~10% at the training temperature) and common under steering (~40% or more).
-This samples the training problems once per setting with a generous token budget M_max and
-reads off the rate for every (N, M <= M_max): the sampler's first M steps do not depend on the
-budget, so a run with budget M would produce the first M tokens of these same samples (up to
-float rounding), and an answer longer than M would have been cut off, which earns nothing.
+model and common under steering. What starves GRPO is not a low mean rate but groups with no
+success at all: a group of G rollouts of one problem in which no rollout shows the behaviour has
+no behaviour signal. So each setting samples G rollouts (--samples, the default group size) of
+each training problem and reports both the rate and the share of groups with at least one success.
+
+It samples once per setting with a generous token budget M_max and reads off every (N, M <= M_max):
+each row's random numbers do not depend on the budget (rollout.row_uniforms), so a run with budget
+M would produce the first M tokens of these same samples, and an answer longer than M would have
+been cut off, which earns nothing.
 """
 
 import argparse
@@ -24,10 +29,20 @@ from steer import chat_prompt, load_behavior, load_examples, load_model_and_toke
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def earns(c, n_min, budget):
+    """Whether a completion earns the verbosity reward with min_tokens=n_min under max_new_tokens=budget."""
+    return c.n_tokens <= budget and bool(rewards.verbosity("", c, None, min_tokens=n_min))
+
+
 def rate(comps, n_min, budget):
     """Share of completions that earn the verbosity reward with min_tokens=n_min under max_new_tokens=budget."""
-    ok = [c.n_tokens <= budget and rewards.verbosity("", c, None, min_tokens=n_min) for c in comps]
-    return sum(ok) / len(ok)
+    return sum(earns(c, n_min, budget) for c in comps) / len(comps)
+
+
+def groups_with_success(comps, group_size, n_min, budget):
+    """Share of groups (consecutive runs of group_size completions, one problem each) with at least one success."""
+    groups = [comps[i:i + group_size] for i in range(0, len(comps), group_size)]
+    return sum(any(earns(c, n_min, budget) for c in g) for g in groups) / len(groups)
 
 
 def main():
@@ -35,7 +50,7 @@ def main():
     p.add_argument("--model", default=None)
     p.add_argument("--data", default=os.path.join(ROOT, "data", "math", "train.jsonl"))
     p.add_argument("--problems", type=int, default=48)
-    p.add_argument("--samples", type=int, default=2, help="per problem")
+    p.add_argument("--samples", type=int, default=6, help="per problem: a group (train.py's default --group-size)")
     p.add_argument("--intensities", default="0.1,0.15,0.2")
     p.add_argument("--max-new-tokens", type=int, default=320)
     p.add_argument("--min-tokens", default="80,100,120,140,160")
@@ -55,16 +70,22 @@ def main():
     behavior = load_behavior("verbosity")
     examples = load_examples(args.data, behavior, args.seed)[:args.problems]
     prompts = [chat_prompt(tok, ex, behavior) for ex in examples]
-    print(f"verbosity rate on {len(prompts)} x {args.samples} samples, T={args.temperature}, layer {sv.layer}")
-    print("| intensity | max_new_tokens | " + " | ".join(f"N={n}" for n in n_mins) + " |")
-    print("|---|---|" + "---|" * len(n_mins))
+    G = args.samples
+    print(f"verbosity on {len(prompts)} problems x {G} samples, T={args.temperature}, layer {sv.layer}, seed {args.seed}: "
+          f"rate (share of groups with at least one success); accuracy counts answers that end within the budget")
+    print("| intensity | max_new_tokens | ended on its own | accuracy | " + " | ".join(f"N={n}" for n in n_mins) + " |")
+    print("|---|---|---|---|" + "---|" * len(n_mins))
     for a in [0.0] + intensities:
-        steering = dict(vector=sv.scaled_direction(), layer=sv.layer, coeffs=[a] * (len(prompts) * args.samples)) if a else {}
-        r = generate(model, prompts, n=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     stop_ids=tok.stop_ids, seed=args.seed, **steering)
+        steering = dict(vector=sv.scaled_direction(), layer=sv.layer, coeffs=[a] * (len(prompts) * G)) if a else {}
+        r = generate(model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     stop_ids=tok.stop_ids, seed=args.seed, vocab_size=tok.vocab_size, **steering)
         comps = [rewards.Completion(*c) for c in r.completions(tok)]
+        rows = [ex for ex in examples for _ in range(G)]
         for b in budgets:
-            print(f"| {a:g} | {b} | " + " | ".join(f"{rate(comps, n, b):.2f}" for n in n_mins) + " |", flush=True)
+            ended = sum(c.stopped and c.n_tokens <= b for c in comps) / len(comps)
+            acc = sum(c.n_tokens <= b and rewards.accuracy("", c, ex) for c, ex in zip(comps, rows)) / len(comps)
+            cells = [f"{rate(comps, n, b):.2f} ({groups_with_success(comps, G, n, b):.2f})" for n in n_mins]
+            print(f"| {a:g} | {b} | {ended:.2f} | {acc:.2f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

