@@ -57,6 +57,9 @@ def load_behavior(name):
     wrong = [k for k, kind in fields.items() if not isinstance(got.get(k), kind)]
     if "intensity" not in wrong and not math.isfinite(got["intensity"]):  # Python's JSON reader accepts NaN
         wrong.append("intensity (not finite)")
+    budget = got.get("max_new_tokens", 1)  # optional: the token budget training uses for this behaviour
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        wrong.append("max_new_tokens (a positive integer when given)")
     if wrong or not got["questions"]:
         raise ValueError(f"{path}: needs {', '.join(fields)} (see data/behaviors/verbosity.json); missing or mistyped: "
                          f"{', '.join(wrong) or 'questions (empty)'}")

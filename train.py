@@ -65,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--advantage", default="std", choices=["std", "none"])
     p.add_argument("--updates-per-batch", type=int, default=1, help="optimizer steps on each batch of rollouts (GRPO's mu)")
     p.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="token budget per rollout (default: the behaviour's max_new_tokens, else 256)")
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--train-layers", type=int, default=10, help="train only the last K blocks and the final norm (0: all parameters)")
     p.add_argument("--eval-n", type=int, default=48, help="held-out problems for the before/after evaluation")
@@ -92,6 +93,11 @@ def check_args(args):
         raise ValueError("--temperature must be above 0: the loss scores completions under the tempered distribution")
     if not args.lr > 0 or args.beta < 0:
         raise ValueError("--lr must be above 0 and --beta at least 0")
+
+
+def token_budget(args, behavior):
+    """--max-new-tokens, else the behaviour's own budget (a length bar needs room above it), else 256."""
+    return args.max_new_tokens or behavior.get("max_new_tokens", 256)
 
 
 def check_prompt_lengths(examples, path, prompt_of, args, model):
@@ -303,9 +309,10 @@ def main(argv=None):
     args = parse_args(argv)
     out = args.out or os.path.join(ROOT, "runs", f"{args.behavior}-{args.algo}-seed{args.seed}")
     try:
+        behavior = load_behavior(args.behavior)
+        args.max_new_tokens = token_budget(args, behavior)
         check_args(args)
         given_coeffs = parse_list(args.coeffs, "--coeffs") if args.coeffs else None
-        behavior = load_behavior(args.behavior)
         if behavior["name"] not in rewards.REWARDS:
             raise ValueError(f"data/behaviors/{args.behavior}.json has no reward function in rewards.py")
         train_examples = load_examples(args.data, behavior, args.seed)
@@ -426,6 +433,7 @@ def main(argv=None):
         reward, acc, beh = score(tok, r, row_examples, behavior, args.lam)
         # 4. group-relative advantages over all G rollouts of a prompt, whatever their intensity
         advantages, zero_spread = vspo.group_advantages(reward, G, scale=args.advantage)
+        _, behavior_zero_spread = vspo.group_advantages(beh, G)  # groups with no behaviour signal: VSPO's target
         advantages = advantages.to(args.device)
         # 5. the update, on the unsteered policy. The normaliser is the whole batch's (summed over ranks);
         # DDP and FSDP average gradients over ranks, so each rank's loss is scaled by W to give their sum
@@ -467,7 +475,7 @@ def main(argv=None):
 
         # the log row, from every rank's rows in global order: the row one process would write
         local = (reward, acc, beh, r.completion_lens.float(), row_coeffs, r.finish_reasons, zero_spread,
-                 t_sample, t_update, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+                 t_sample, t_update, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, behavior_zero_spread)
         parts = distributed.gather([x.cpu() if torch.is_tensor(x) else x for x in local])
         reward, acc, beh, lengths, all_coeffs = (torch.cat([p[i] for p in parts]) for i in range(5))
         finish_reasons = [why for p in parts for why in p[5]]
@@ -475,7 +483,8 @@ def main(argv=None):
         by_coeff = {f"{c:g}": beh[all_coeffs == c].mean().item() for c in sorted(set(all_coeffs.tolist()))}
         row = {"step": step, "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
                "accuracy_mean": acc.mean().item(), "behavior_mean": beh.mean().item(), "behavior_by_coeff": by_coeff,
-               "zero_spread_frac": sum(p[6] for p in parts) / P, "length_mean": lengths.mean().item(),
+               "zero_spread_frac": sum(p[6] for p in parts) / P,
+               "behavior_zero_spread_frac": sum(p[10] for p in parts) / P, "length_mean": lengths.mean().item(),
                "length_max": lengths.max().item(), "truncated_frac": finish_reasons.count("length") / len(finish_reasons),
                **stats, "grad_norm": grad_norm.item(), "seconds_sample": max(p[7] for p in parts),
                "seconds_update": max(p[8] for p in parts), "peak_rss_gb": max(p[9] for p in parts)}

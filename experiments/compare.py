@@ -133,6 +133,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.train = train.parse_args(["--behavior", args.behavior, *args.train_args.split()])  # what every run will use
+    args.train.max_new_tokens = train.token_budget(args.train, load_behavior(args.behavior))
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     diag_path = os.path.join(args.out, "diagnostic.json")
@@ -141,10 +142,11 @@ def main(argv=None):
     else:
         diag = alignment_diagnostic(args)
         json.dump(diag, open(diag_path, "w"))
-    results = {}
-    for algo in args.algos.split(","):
-        runs = [run(algo, seed, args) for seed in args.seeds]
-        results[algo] = ([e for e, _ in runs], [m for _, m in runs])
+    algos, runs = args.algos.split(","), {}
+    for seed in args.seeds:  # seed by seed, so that an interrupted command has whole pairs to compare
+        for algo in algos:
+            runs[algo, seed] = run(algo, seed, args)
+    results = {algo: ([runs[algo, s][0] for s in args.seeds], [runs[algo, s][1] for s in args.seeds]) for algo in algos}
     print_tables(diag, results, args)
     print(f"\n{(time.time() - t0) / 60:.0f} min in this invocation")
     try:

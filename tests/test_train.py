@@ -31,7 +31,7 @@ def test_vspo_teaches_the_unsteered_model_what_grpo_cannot_find(synthetic):
     assert vspo_after["behavior"] >= before["behavior"] + 0.3
     assert vspo_after["behavior"] > grpo_after["behavior"] + 0.2
     assert os.path.isfile(tmp / "vspo" / "final" / "model.safetensors")
-    for key in ("reward_mean", "zero_spread_frac", "behavior_by_coeff", "truncated_frac", "kl", "clip_frac", "entropy",
+    for key in ("reward_mean", "zero_spread_frac", "behavior_zero_spread_frac", "behavior_by_coeff", "truncated_frac", "kl", "clip_frac", "entropy",
                 "grad_norm", "seconds_sample", "seconds_update", "peak_rss_gb"):
         assert key in log[0]
 
@@ -55,6 +55,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synthetic, monkey
     a, b = load_file(tmp / "whole" / "final" / "model.safetensors"), load_file(tmp / "killed" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert open(tmp / "whole" / "log.jsonl").read().count("\n") == open(tmp / "killed" / "log.jsonl").read().count("\n") == 6
+
+
+def test_the_token_budget_comes_from_the_flag_the_behaviour_or_256():
+    behavior = {"max_new_tokens": 384}
+    assert train.token_budget(train.parse_args(["--behavior", "x"]), behavior) == 384
+    assert train.token_budget(train.parse_args(["--behavior", "x", "--max-new-tokens", "64"]), behavior) == 64
+    assert train.token_budget(train.parse_args(["--behavior", "x"]), {}) == 256
 
 
 def test_guided_and_schedules_run(synthetic):
