@@ -13,7 +13,9 @@ One step:
   5. recompute the rollouts' log-probs under the *unsteered* policy and take the clipped policy
      loss (vspo.policy_loss); one optimizer step.
 --algo grpo uses intensity 0 for every rollout; --algo guided samples with the behaviour's
-instruction in the prompt (no steering) and trains on the plain prompt.
+instruction in the prompt (no steering) and trains on the plain prompt; --algo distill (teacher-trace
+distillation) samples the same way from the frozen initial model, keeps the traces that earn the
+behaviour, and trains the plain-prompt policy on them by maximum likelihood.
 """
 
 import argparse
@@ -44,7 +46,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a model to show a behaviour without steering (VSPO).")
     p.add_argument("--behavior", required=True, help="verbosity, expertise, confidence, robustness (data/behaviors/*.json)")
-    p.add_argument("--algo", default="vspo", choices=["vspo", "grpo", "guided"])
+    p.add_argument("--algo", default="vspo", choices=["vspo", "grpo", "guided", "distill"])
     p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=os.path.join(ROOT, "data", "math", "train.jsonl"), help="GSM8K-style JSONL")
     p.add_argument("--eval-data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
@@ -337,7 +339,8 @@ def main(argv=None):
         model, tok = load_model_and_tokenizer(args.model, args.device)
         if d.local_rank == 0:
             distributed.barrier()
-        instruction = behavior["positive"] if args.algo == "guided" else None  # guided sampling adds it to the prompt
+        # guided sampling and distill's teacher add the behaviour's instruction to the prompt
+        instruction = behavior["positive"] if args.algo in ("guided", "distill") else None
         check_prompt_lengths(train_examples, args.data, lambda ex: chat_prompt(tok, ex, behavior, instruction), args, model)
         check_prompt_lengths(eval_examples, args.eval_data, lambda ex: chat_prompt(tok, ex, behavior), args, model)
         vector = layer = None
@@ -362,6 +365,8 @@ def main(argv=None):
             block.requires_grad_(True)
         model.norm.requires_grad_(True)
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None  # the frozen initial policy
+    # distill's teacher: the initial model, frozen, sampled as the policy is (a full copy, also under FSDP)
+    teacher = Policy(copy.deepcopy(model).requires_grad_(False)) if args.algo == "distill" else None
     start = 0
     try:
         if args.resume:
@@ -421,11 +426,11 @@ def main(argv=None):
         sample_prompts = [chat_prompt(tok, ex, behavior, instruction) for ex in batch] if instruction else plain
         # 2. rollouts, each row at its own intensity
         with autocast(), distributed.full_weights(policy):
-            r = policy(generate, sample_prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       stop_ids=tok.stop_ids, seed=args.seed * 1_000_003 + step, vector=vector, layer=layer,
-                       coeffs=row_coeffs, steer_prompt=args.steer_prompt == "yes", row_ids=rows,
-                       vocab_size=tok.vocab_size)
-        if args.algo == "guided":
+            r = (teacher or policy)(generate, sample_prompts, n=G, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, stop_ids=tok.stop_ids, seed=args.seed * 1_000_003 + step,
+                                    vector=vector, layer=layer, coeffs=row_coeffs, steer_prompt=args.steer_prompt == "yes",
+                                    row_ids=rows, vocab_size=tok.vocab_size)
+        if instruction:  # trained on the plain prompt
             r = with_prompts(r, [p for p in plain for _ in range(G)])
         t_sample = time.time() - t0
         # 3. rewards
@@ -435,6 +440,7 @@ def main(argv=None):
         advantages, zero_spread = vspo.group_advantages(reward, G, scale=args.advantage)
         _, behavior_zero_spread = vspo.group_advantages(beh, G)  # groups with no behaviour signal: VSPO's target
         advantages = advantages.to(args.device)
+        keep = (beh >= 0.5).to(args.device)  # distill: the traces that earn the behaviour
         # 5. the update, on the unsteered policy. The normaliser is the whole batch's (summed over ranks);
         # DDP and FSDP average gradients over ranks, so each rank's loss is scaled by W to give their sum
         t1 = time.time()
@@ -459,9 +465,12 @@ def main(argv=None):
             for mb in micro:
                 with autocast(), distributed.gradient_sync(policy, last=mb is micro[-1]):
                     logp, ent = policy(completion_logprobs, r, mb, args.temperature)
-                    loss, s = vspo.policy_loss(logp, old.get(mb[0], logp.detach()), advantages[mb], mask[mb], normalizer,
-                                               args.aggregation, ref_logprobs=ref.get(mb[0]), beta=args.beta,
-                                               is_weights=weights.get(mb[0]))
+                    if args.algo == "distill":  # maximum likelihood on the teacher's traces that earn the behaviour
+                        loss, s = vspo.sft_loss(logp, keep[mb], mask[mb], normalizer, args.aggregation), {"clip_frac": 0, "kl": 0}
+                    else:
+                        loss, s = vspo.policy_loss(logp, old.get(mb[0], logp.detach()), advantages[mb], mask[mb], normalizer,
+                                                   args.aggregation, ref_logprobs=ref.get(mb[0]), beta=args.beta,
+                                                   is_weights=weights.get(mb[0]))
                     (loss * W).backward()
                 share = len(mb) / (P * G) / args.updates_per_batch
                 stats["loss"] += loss.item() / args.updates_per_batch

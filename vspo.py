@@ -141,3 +141,19 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, normalizer, aggregatio
                  "ratio_mean": (ratio * mask).sum().item() / n.item(),
                  "kl": (kl * mask).sum().item() / n.item() if kl is not None else 0.0}
     return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# the distillation baseline
+
+
+def sft_loss(logprobs, keep, mask, normalizer, aggregation="seq_mean"):
+    """Teacher-trace distillation, the paper's baseline (train.py --algo distill): the negative
+    log-likelihood of the kept traces (keep (N,) bool: those that earn the behaviour), under the same
+    normaliser and averaging as policy_loss, so that one learning rate means the same for both.
+    Rows not kept contribute nothing (and get no gradient)."""
+    mask = (mask & keep[:, None]).float()
+    nll = -logprobs * mask
+    if aggregation == "seq_mean":
+        return (nll.sum(1) / mask.sum(1).clamp(min=1)).sum() / normalizer
+    return nll.sum() / normalizer

@@ -19,6 +19,7 @@ resumed, so re-running the command after an interruption continues where it stop
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -28,7 +29,7 @@ import train
 from steer import load_behavior, load_examples, load_model_and_tokenizer, load_or_extract_all, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALGOS = ("vspo", "grpo", "guided")
+ALGOS = ("vspo", "grpo", "guided", "distill")
 
 
 def alignment_diagnostic(args):
@@ -47,7 +48,7 @@ def alignment_diagnostic(args):
 
 
 def run(algo, seed, args):
-    """One train.py run (resumed if it was interrupted) -> its unsteered evaluations [(step, metrics)] and minutes."""
+    """One train.py run (resumed if it was interrupted, read back if finished) -> read_run's dict."""
     out = os.path.join(args.out, f"{algo}-seed{seed}")
     if not os.path.isfile(os.path.join(out, "eval_after.json")):
         argv = ["--behavior", args.behavior, "--algo", algo, "--seed", str(seed), "--out", out, "--steps", str(args.steps),
@@ -61,34 +62,73 @@ def run(algo, seed, args):
         train.main(argv)
         with open(os.path.join(out, "minutes"), "w") as f:
             f.write(f"{(time.time() - t0) / 60:.1f}")
+    return read_run(out)
+
+
+def read_run(out):
+    """A finished run folder -> {"evals": [(step, metrics)], "log": [rows], "minutes": float}."""
     load = lambda name: json.load(open(os.path.join(out, name)))
-    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     evals = [(0, load("eval_before.json"))] + [(r["step"] + 1, r["eval"]) for r in log if "eval" in r]
     evals.append((log[-1]["step"] + 1, load("eval_after.json")))
-    minutes = float(open(os.path.join(out, "minutes")).read()) if os.path.isfile(os.path.join(out, "minutes")) else float("nan")
-    return evals, minutes
+    minutes_file = os.path.join(out, "minutes")
+    minutes = float(open(minutes_file).read()) if os.path.isfile(minutes_file) else float("nan")
+    return {"evals": evals, "log": log, "minutes": minutes}
 
 
-def mean_curve(runs, key):
-    """Steps and the mean over seeds of one metric."""
-    steps = [s for s, _ in runs[0]]
-    return steps, [sum(r[i][1][key] for r in runs) / len(runs) for i in range(len(steps))]
+def mean_se(values):
+    """(mean, standard error of the mean) over seeds; the error is nan for a single seed."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def curve(runs, key):
+    """Steps, and (mean, standard error) over seeds of one metric of the unsteered evaluations."""
+    steps = [s for s, _ in runs[0]["evals"]]
+    return steps, [mean_se([r["evals"][i][1][key] for r in runs]) for i in range(len(steps))]
+
+
+def log_curve(runs, key):
+    """Training steps, and (mean, standard error) over seeds of one field of the training log."""
+    steps = [row["step"] for row in runs[0]["log"]]
+    return steps, [mean_se([r["log"][i][key] for r in runs]) for i in range(len(steps))]
+
+
+def fmt(m, se):
+    return f"{m:.2f}" if math.isnan(se) else f"{m:.2f} ± {se:.2f}"
 
 
 def print_tables(diag, results, args):
-    print(f"\nalignment diagnostic (before training; layer {diag['layer']}, {args.eval_n} held-out problems, T={args.train.temperature}):")
+    print(f"\nalignment diagnostic (before training; layer {diag['layer']}, {args.eval_n} held-out problems, "
+          f"T={args.train.temperature}, {args.train.max_new_tokens} new tokens):")
     print("| intensity | behaviour rate | accuracy | mean length | ended on its own | perplexity (unsteered) |")
     print("|---|---|---|---|---|---|")
     for r in diag["rows"]:
         print(f"| {r['intensity']:g} | {r['behavior']:.2f} | {r['accuracy']:.2f} | {r['length']:.0f} | {r['stopped']:.2f} | {r['ppl']:.2f} |")
-    n = len(args.seeds)
-    print(f"\nunsteered model on {args.eval_n} held-out problems, {args.steps} steps, mean over {n} seed{'s' * (n > 1)}:")
-    print("| algo | behaviour before | behaviour after | accuracy before | accuracy after | length before | length after | minutes per run |")
-    print("|---|---|---|---|---|---|---|---|")
-    for algo, (runs, minutes) in results.items():
-        (_, beh), (_, acc), (_, length) = (mean_curve(runs, key) for key in ("behavior", "accuracy", "length"))
-        print(f"| {algo} | {beh[0]:.2f} | {beh[-1]:.2f} | {acc[0]:.2f} | {acc[-1]:.2f} | "
-              f"{length[0]:.0f} | {length[-1]:.0f} | {sum(minutes) / len(minutes):.0f} |")
+    print(f"\nunsteered model on {args.eval_n} held-out problems, mean ± standard error over seeds:")
+    print("| algo | seeds | step | behaviour rate | accuracy | mean length |")
+    print("|---|---|---|---|---|---|")
+    for algo, runs in results.items():
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        steps, beh = curve(runs, "behavior")
+        _, acc = curve(runs, "accuracy")
+        _, length = curve(runs, "length")
+        for i, step in enumerate(steps):
+            print(f"| {algo} | {seeds} | {step} | {fmt(*beh[i])} | {fmt(*acc[i])} | {length[i][0]:.0f} |")
+    steps = [row["step"] for row in next(iter(results.values()))[0]["log"]]
+    print("\nshare of groups whose behaviour scores have no spread (no behaviour signal) at each training step, "
+          "mean over seeds:")
+    print("| algo | " + " | ".join(str(s) for s in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    for algo, runs in results.items():
+        if all("behavior_zero_spread_frac" in row for r in runs for row in r["log"]):
+            print(f"| {algo} | " + " | ".join(f"{m:.2f}" for m, _ in log_curve(runs, "behavior_zero_spread_frac")[1]) + " |")
+    minutes = [r["minutes"] for runs in results.values() for r in runs]
+    print(f"\n{len(minutes)} runs, {sum(m for m in minutes if not math.isnan(m)):.0f} minutes of training in all "
+          f"(each run's last invocation)")
 
 
 def plot(diag, results, path):
@@ -98,8 +138,12 @@ def plot(diag, results, path):
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for ax, key, title in zip(axes, ("behavior", "accuracy", "length"),
                               ("behaviour rate (unsteered)", "accuracy (unsteered)", "mean length (tokens)")):
-        for algo, (runs, _) in results.items():
-            ax.plot(*mean_curve(runs, key), "o-", label=algo)
+        for k, (algo, runs) in enumerate(results.items()):
+            color = f"C{k}"
+            for r in runs:  # a thin line per seed, the mean over seeds thick
+                ax.plot([s for s, _ in r["evals"]], [m[key] for _, m in r["evals"]], color=color, lw=0.6, alpha=0.5)
+            steps, stats = curve(runs, key)
+            ax.plot(steps, [m for m, _ in stats], "o-", color=color, lw=2, label=f"{algo} ({len(runs)} seeds)")
         ax.set_title(title)
         ax.set_xlabel("training step")
         ax.legend()
@@ -123,7 +167,7 @@ def main(argv=None):
     p.add_argument("--algos", default=",".join(ALGOS))
     p.add_argument("--seeds", default="0", help="comma-separated; one seed is what a 2-core CPU affords in ~90 min")
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--eval-every", type=int, default=8)
+    p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--eval-n", type=int, default=48)
     p.add_argument("--eval-data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
     p.add_argument("--train-args", default="", help="further train.py flags, shared by every run, e.g. '--lr 1e-4 --max-new-tokens 256'")
@@ -146,7 +190,7 @@ def main(argv=None):
     for seed in args.seeds:  # seed by seed, so that an interrupted command has whole pairs to compare
         for algo in algos:
             runs[algo, seed] = run(algo, seed, args)
-    results = {algo: ([runs[algo, s][0] for s in args.seeds], [runs[algo, s][1] for s in args.seeds]) for algo in algos}
+    results = {algo: [dict(runs[algo, s], seed=s) for s in args.seeds] for algo in algos}
     print_tables(diag, results, args)
     print(f"\n{(time.time() - t0) / 60:.0f} min in this invocation")
     try:

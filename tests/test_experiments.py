@@ -1,10 +1,12 @@
 """The bandit experiment's mechanics (experiments/bandit.py) and a tiny run of each experiment script."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from experiments import bandit
@@ -70,6 +72,31 @@ def test_compare_tiny(synthetic, tmp_path):
     mtime = os.path.getmtime(out / "vspo-seed0" / "eval_after.json")
     compare.main(argv)  # finished runs are read back, not trained again
     assert os.path.getmtime(out / "vspo-seed0" / "eval_after.json") == mtime
+
+
+def test_compare_aggregates_seeds_with_standard_errors(synthetic, tmp_path, capsys):
+    from experiments import compare
+
+    one = compare.mean_se([1.0])
+    assert one[0] == 1.0 and math.isnan(one[1])  # one seed: no error bar
+    m, se = compare.mean_se([0.2, 0.4, 0.9])
+    assert m == pytest.approx(0.5) and se == pytest.approx(math.sqrt((0.09 + 0.01 + 0.16) / 2 / 3))
+    model, data, _ = synthetic
+    out = tmp_path / "compare"
+    argv = ["--behavior", "synthetic", "--model", model, "--eval-data", data, "--steps", "2", "--eval-every", "1",
+            "--eval-n", "4", "--out", str(out), "--plot", str(tmp_path / "c.png"), "--algos", "vspo,grpo", "--seeds", "0,1",
+            "--train-args", f"--data {data} --prompts-per-step 2 --group-size 3 --coeffs 0,20,40 --max-new-tokens 5"]
+    compare.main(argv)
+    first = capsys.readouterr().out
+    runs = {(a, s): compare.read_run(out / f"{a}-seed{s}") for a in ("vspo", "grpo") for s in (0, 1)}
+    for algo in ("vspo", "grpo"):
+        after = [runs[algo, s]["evals"][-1][1]["behavior"] for s in (0, 1)]
+        assert f"| {algo} | 0,1 | 2 | {compare.fmt(*compare.mean_se(after))} |" in first
+        zero = [runs[algo, s]["log"][1]["behavior_zero_spread_frac"] for s in (0, 1)]
+        assert f" {sum(zero) / 2:.2f} |" in [line for line in first.splitlines() if line.startswith(f"| {algo} | ")][-1]
+    compare.main(argv)  # read back: the same tables, nothing trained again
+    tables = lambda text: text[text.index("alignment diagnostic (before"):text.index(" runs, ")]
+    assert tables(capsys.readouterr().out) == tables(first)
 
 
 def test_verbosity_rate_reads_off_shorter_budgets():

@@ -64,6 +64,36 @@ def test_the_token_budget_comes_from_the_flag_the_behaviour_or_256():
     assert train.token_budget(train.parse_args(["--behavior", "x"]), {}) == 256
 
 
+def test_distill_learns_from_the_teachers_rewarded_traces_and_resumes_exactly(synthetic, monkeypatch):
+    """--algo distill: the frozen initial model, prompted with the behaviour's instruction, writes the
+    traces; those that earn the behaviour are learnt by maximum likelihood on the plain prompt."""
+    import steer
+
+    _, _, tmp = synthetic
+    # an instruction the tiny random model follows now and then: the magic token itself, many times over
+    behavior = dict(steer.load_behavior("synthetic"), positive="Q " * 40)
+    (tmp / "behaviors" / "synthetic.json").write_text(json.dumps(behavior))
+    before, after = run(synthetic, "distill", tmp / "distill", "--lr", "1e-2")
+    log = [json.loads(l) for l in open(tmp / "distill" / "log.jsonl")]
+    assert 0 < log[0]["behavior_mean"] < 1  # some of the teacher's traces earn it, some do not
+    assert after["behavior"] >= before["behavior"] + 0.3
+    run(synthetic, "distill", tmp / "whole", "--checkpoint-every", "2", "--steps", "4", "--lr", "1e-2")
+    real_save = train.save_checkpoint
+
+    def killed_after_step_2(out, step, *a):
+        real_save(out, step, *a)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", killed_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(synthetic, "distill", tmp / "killed", "--checkpoint-every", "2", "--steps", "4", "--lr", "1e-2")
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    run(synthetic, "distill", tmp / "killed", "--checkpoint-every", "2", "--steps", "4", "--lr", "1e-2", "--resume")
+    a, b = load_file(tmp / "whole" / "final" / "model.safetensors"), load_file(tmp / "killed" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_guided_and_schedules_run(synthetic):
     _, _, tmp = synthetic
     run(synthetic, "guided", tmp / "guided", "--steps", "2")

@@ -123,3 +123,14 @@ def test_truncated_is_weights():
 def test_unknown_aggregation_is_an_error():
     with pytest.raises(ValueError, match="seq_mean, token_mean, fixed"):
         vspo.loss_normalizer(MASK, "sum")
+
+
+def test_sft_loss_learns_only_the_kept_traces():
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.5], [0.5, 0.5, 0.5]])).requires_grad_()
+    keep = torch.tensor([True, False])
+    loss = vspo.sft_loss(logp, keep, MASK, normalizer=8.0, aggregation="fixed")
+    assert loss.item() == pytest.approx(-(math.log(0.5) * 2 + math.log(0.25)) / 8)
+    loss.backward()
+    assert torch.equal(logp.grad[1], torch.zeros(3)) and (logp.grad[0] < 0).all()
+    per_seq = vspo.sft_loss(logp, keep, MASK, normalizer=2.0, aggregation="seq_mean")
+    assert per_seq.item() == pytest.approx(-(math.log(0.5) * 2 + math.log(0.25)) / 3 / 2)
