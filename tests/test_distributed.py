@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from test_train import error_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOISE = ("seconds_sample", "seconds_update", "peak_rss_gb")  # the log's fields that are not results
@@ -98,14 +99,6 @@ def test_a_two_process_run_resumes_with_one(synthetic):
     assert [r["reward_mean"] for r in a] == pytest.approx([r["reward_mean"] for r in b], abs=1e-6)
     wa, wb = load_file(tmp / "whole" / "final" / "model.safetensors"), load_file(tmp / "killed" / "final" / "model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
-
-
-def error_of(argv):
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg
-    return msg
 
 
 def test_bad_distributed_setups_are_one_line_errors(synthetic, monkeypatch):
