@@ -99,7 +99,7 @@ def check_args(args):
 
 def token_budget(args, behavior):
     """--max-new-tokens, else the behaviour's own budget (a length bar needs room above it), else 256."""
-    return args.max_new_tokens or behavior.get("max_new_tokens", 256)
+    return args.max_new_tokens if args.max_new_tokens is not None else behavior.get("max_new_tokens", 256)
 
 
 def check_prompt_lengths(examples, path, prompt_of, args, model):

@@ -62,6 +62,7 @@ def test_the_token_budget_comes_from_the_flag_the_behaviour_or_256():
     assert train.token_budget(train.parse_args(["--behavior", "x"]), behavior) == 384
     assert train.token_budget(train.parse_args(["--behavior", "x", "--max-new-tokens", "64"]), behavior) == 64
     assert train.token_budget(train.parse_args(["--behavior", "x"]), {}) == 256
+    assert train.token_budget(train.parse_args(["--behavior", "x", "--max-new-tokens", "0"]), behavior) == 0  # then refused
 
 
 def test_distill_learns_from_the_teachers_rewarded_traces_and_resumes_exactly(synthetic, monkeypatch):
@@ -123,6 +124,7 @@ def test_bad_input_gives_one_line_errors(synthetic, tmp_path):
     assert "config.json: missing" in error_of(["--behavior", "synthetic", *base, "--model", str(tmp_path)])
     assert "no checkpoint" in error_of(["--behavior", "synthetic", *base, "--resume"])
     for flags, message in ((["--group-size", "1"], "--group-size must be at least 2"),
+                           (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
                            (["--temperature", "0"], "--temperature must be above 0"),
                            (["--coeffs", "0,x"], "--coeffs '0,x': expected comma-separated numbers"),
                            (["--coeffs", "0,inf"], "--coeffs '0,inf': every value must be a finite number"),
