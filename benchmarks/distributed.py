@@ -67,7 +67,7 @@ def sampling(args):
     sys.path.insert(0, ROOT)
     import distributed
     from rollout import generate
-    from steer import load_model_and_tokenizer, user_prompt
+    from data.load import load_model_and_tokenizer, user_prompt
     from train import Policy
 
     d, device = distributed.setup("cpu", True, 2)

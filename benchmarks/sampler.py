@@ -23,7 +23,7 @@ import torch
 import torch.profiler
 
 from rollout import generate
-from steer import load_model_and_tokenizer
+from data.load import load_model_and_tokenizer
 
 
 def machine_limits(dtypes):

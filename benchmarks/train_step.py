@@ -29,7 +29,7 @@ def batch(rows, prompt, completion, vocab, seed=0):
 def run_ours(args):
     import vspo
     from rollout import Rollouts, completion_logprobs
-    from steer import load_model_and_tokenizer
+    from data.load import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(None)
     tokens, mask = batch(args.rows, args.prompt, args.completion, model.config.vocab_size)

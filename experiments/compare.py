@@ -26,7 +26,8 @@ import time
 import torch
 
 import train
-from steer import load_behavior, load_examples, load_model_and_tokenizer, load_or_extract_all, sweep
+from data.load import load_behavior, load_examples, load_model_and_tokenizer
+from steer import load_or_extract_all, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALGOS = ("vspo", "grpo", "guided", "distill")

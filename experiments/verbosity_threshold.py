@@ -24,7 +24,8 @@ import sys
 
 import rewards
 from rollout import check_finite, generate, parse_list
-from steer import chat_prompt, load_behavior, load_examples, load_model_and_tokenizer, load_or_extract
+from data.load import chat_prompt, load_behavior, load_examples, load_model_and_tokenizer
+from steer import load_or_extract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -112,6 +112,7 @@ def synthetic(tiny_chat_model, tmp_path, monkeypatch):
     that makes it common (that token's unembedding direction at the last block), and a small data set."""
     import json
 
+    import data.load
     import rewards
     import steer
     from model import Transformer
@@ -119,7 +120,7 @@ def synthetic(tiny_chat_model, tmp_path, monkeypatch):
 
     model, tok = Transformer.from_pretrained(tiny_chat_model), Tokenizer.from_pretrained(tiny_chat_model)
     (magic,) = tok.encode("Q")
-    monkeypatch.setattr(steer, "BEHAVIOR_DIR", str(tmp_path / "behaviors"))
+    monkeypatch.setattr(data.load, "BEHAVIOR_DIR", str(tmp_path / "behaviors"))
     monkeypatch.setattr(steer, "VECTOR_DIR", str(tmp_path / "vectors"))
     os.makedirs(tmp_path / "behaviors")
     (tmp_path / "behaviors" / "synthetic.json").write_text(json.dumps(SYNTHETIC))

@@ -12,13 +12,14 @@ import sys
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
+import data.load  # noqa: E402
 import rewards  # noqa: E402
 import steer  # noqa: E402
 import train  # noqa: E402
 from conftest import synthetic_reward  # noqa: E402
 
 tmp, argv = sys.argv[1], sys.argv[2:]
-steer.BEHAVIOR_DIR, steer.VECTOR_DIR = os.path.join(tmp, "behaviors"), os.path.join(tmp, "vectors")
+data.load.BEHAVIOR_DIR, steer.VECTOR_DIR = os.path.join(tmp, "behaviors"), os.path.join(tmp, "vectors")
 rewards.REWARDS["synthetic"] = synthetic_reward
 record = os.path.join(tmp, f"rollouts-{os.environ.get('TAG', 'run')}-rank{os.environ.get('RANK', '0')}.jsonl")
 real_generate, real_save = train.generate, train.save_checkpoint

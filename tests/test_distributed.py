@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
 from test_train import error_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))

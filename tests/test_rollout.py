@@ -211,10 +211,12 @@ def test_generate_refuses_a_steering_layer_outside_the_model(tiny):
 @pytest.mark.parametrize("flags,message", [(["--top-p", "nan"], "--top-p nan: must be a finite number"),
                                            (["--temperature", "inf"], "--temperature inf: must be a finite number"),
                                            (["--coeffs", "0,inf"], "--coeffs '0,inf': every value must be a finite number")])
-def test_rollout_cli_rejects_non_finite_flags(tiny_chat_model, monkeypatch, flags, message):
-    monkeypatch.setattr("sys.argv", ["rollout.py", "--prompt", "Hi", "--model", tiny_chat_model, *flags])
+def test_side_by_side_cli_rejects_non_finite_flags(tiny_chat_model, monkeypatch, flags, message):
+    from experiments import side_by_side
+
+    monkeypatch.setattr("sys.argv", ["side_by_side.py", "--prompt", "Hi", "--model", tiny_chat_model, *flags])
     with pytest.raises(SystemExit) as e:
-        rollout.main()
+        side_by_side.main()
     assert str(e.value.code) == f"error: {message}"
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import steer
+from data import load
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -83,22 +84,24 @@ def test_load_rejects_other_files(tmp_path):
 
 def test_unknown_behavior_lists_the_known_ones():
     with pytest.raises(ValueError) as e:
-        steer.load_behavior("sarcasm")
+        load.load_behavior("sarcasm")
     assert "verbosity" in str(e.value) and "data/behaviors/sarcasm.json" in str(e.value)
 
 
 def test_every_shipped_behavior_is_well_formed():
     import os
 
-    for f in os.listdir(steer.BEHAVIOR_DIR):
-        b = steer.load_behavior(f[:-5])
-        assert b["name"] == f[:-5] and b["positive"] and b["negative"] and len(b["questions"]) >= 16
+    import rewards
+
+    for f in os.listdir(load.BEHAVIOR_DIR):
+        b = load.load_behavior(f[:-5])  # "name" is the registered reward: verbosity100 is verbosity at 100 tokens
+        assert b["name"] in rewards.REWARDS and b["name"] != "accuracy" and b["positive"] and b["negative"] and len(b["questions"]) >= 16
         assert isinstance(b["layer"], int) and b["intensity"] > 0
 
 
 def test_sweep_runs_and_choose_prefers_coherent_settings(tiny, capsys):
     model, tok = tiny
-    behavior = steer.load_behavior("verbosity") | {"reward": {"min_tokens": 4}}
+    behavior = load.load_behavior("verbosity") | {"reward": {"min_tokens": 4}}
     vectors = steer.extract(model, tok, steer.contrastive_pairs(behavior, behavior["questions"][:4]), layers=[1, 2])
     examples = [{"question": "Tom has 2 apples and gets 3 more. How many?", "answer": "#### 5"}] * 3
     baseline, rows = steer.sweep(model, tok, behavior, vectors, examples, [1, 2], [0.5, 1.0], max_new_tokens=8, temperature=1.0, seed=0)
@@ -122,7 +125,7 @@ def test_vectors_are_extracted_again_when_the_behaviour_changes(synthetic, capsy
     model, tok = Transformer.from_pretrained(model_path), Tokenizer.from_pretrained(model_path)
     planted, _, path = steer.load_or_extract_all(model, tok, "synthetic", model_path)
     assert sorted(planted) == [3]  # the saved file matches the behaviour: read, not extracted
-    edited = dict(steer.load_behavior("synthetic"), positive="Say QQQ, loudly.")
+    edited = dict(load.load_behavior("synthetic"), positive="Say QQQ, loudly.")
     (tmp / "behaviors" / "synthetic.json").write_text(json.dumps(edited))
     fresh, info, _ = steer.load_or_extract_all(model, tok, "synthetic", model_path)
     assert sorted(fresh) == list(range(model.config.n_layer)) and "changed" in capsys.readouterr().out
@@ -148,14 +151,14 @@ def test_sweep_cli_bad_input_gives_one_line_errors(synthetic, monkeypatch, flags
 
 def test_an_unusable_device_is_a_one_line_error(tiny_chat_model):
     with pytest.raises(ValueError, match="--device 'tpu' is not usable here"):
-        steer.load_model_and_tokenizer(tiny_chat_model, device="tpu")
+        load.load_model_and_tokenizer(tiny_chat_model, device="tpu")
 
 
 def test_a_behaviour_file_missing_fields_is_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(steer, "BEHAVIOR_DIR", str(tmp_path))
+    monkeypatch.setattr(load, "BEHAVIOR_DIR", str(tmp_path))
     (tmp_path / "half.json").write_text('{"name": "half", "positive": "Be long.", "questions": []}')
     with pytest.raises(ValueError, match="half.json: needs .*; missing or mistyped: negative, layer, intensity$"):
-        steer.load_behavior("half")
+        load.load_behavior("half")
 
 
 def test_vectors_are_keyed_by_the_model_not_its_folder_name(synthetic, tmp_path, capsys):
@@ -196,14 +199,14 @@ def test_vectors_are_keyed_by_the_model_not_its_folder_name(synthetic, tmp_path,
 def test_the_sweep_builds_prompts_as_training_does(tiny, monkeypatch):
     """Robustness is accuracy despite a misleading hint: the sweep must show the hint, as training does."""
     model, tok = tiny
-    behavior = steer.load_behavior("robustness")
+    behavior = load.load_behavior("robustness")
     examples = [{"question": "What is 2 + 3?", "answer": "#### 5", "hint": 7}]
     seen = []
     real_generate = steer.generate
     monkeypatch.setattr(steer, "generate", lambda m, prompts, **kw: seen.append(prompts) or real_generate(m, prompts, **kw))
     vectors = steer.extract(model, tok, steer.contrastive_pairs(behavior, behavior["questions"][:2]), layers=[1])
     steer.sweep(model, tok, behavior, vectors, examples, [1], [0.5], max_new_tokens=2, temperature=1.0, seed=0)
-    assert seen and all(p == [steer.chat_prompt(tok, examples[0], behavior)] for p in seen)
+    assert seen and all(p == [load.chat_prompt(tok, examples[0], behavior)] for p in seen)
     assert "I think the answer is 7." in tok.decode(seen[0][0])
 
 
@@ -244,11 +247,11 @@ def test_a_vector_for_a_layer_the_model_lacks_is_an_error(synthetic, tiny):
 
 
 def test_a_behaviour_with_a_non_finite_intensity_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(steer, "BEHAVIOR_DIR", str(tmp_path))
+    monkeypatch.setattr(load, "BEHAVIOR_DIR", str(tmp_path))
     fields = '"name": "b", "positive": "p", "negative": "n", "questions": ["q"], "layer": 1'
     (tmp_path / "b.json").write_text("{" + fields + ', "intensity": NaN}')  # Python's JSON reader accepts NaN
     with pytest.raises(ValueError, match="intensity \\(not finite\\)"):
-        steer.load_behavior("b")
+        load.load_behavior("b")
 
 
 def test_model_and_tokenizer_vocabularies_are_compared(tiny_chat_model, tmp_path):
@@ -275,9 +278,9 @@ def test_model_and_tokenizer_vocabularies_are_compared(tiny_chat_model, tmp_path
         save_file(state, folder / "model.safetensors")
         if name == "fewer":
             with pytest.raises(ValueError, match=f"the model has {rows} embedding rows but the tokenizer has {tok.vocab_size} ids"):
-                steer.load_model_and_tokenizer(str(folder))
+                load.load_model_and_tokenizer(str(folder))
             continue
-        model, tok = steer.load_model_and_tokenizer(str(folder))
+        model, tok = load.load_model_and_tokenizer(str(folder))
         prompts = [tok.chat([{"role": "user", "content": "Hi"}])]
         free = generate(model, prompts, n=4, max_new_tokens=6, temperature=1.0)
         assert (free.tokens[:, free.prompt_width:] >= tok.vocab_size).any()  # unrestricted, the padding rows win

@@ -68,11 +68,11 @@ def test_the_token_budget_comes_from_the_flag_the_behaviour_or_256():
 def test_distill_learns_from_the_teachers_rewarded_traces_and_resumes_exactly(synthetic, monkeypatch):
     """--algo distill: the frozen initial model, prompted with the behaviour's instruction, writes the
     traces; those that earn the behaviour are learnt by maximum likelihood on the plain prompt."""
-    import steer
+    from data import load
 
     _, _, tmp = synthetic
     # an instruction the tiny random model follows now and then: the magic token itself, many times over
-    behavior = dict(steer.load_behavior("synthetic"), positive="Q " * 40)
+    behavior = dict(load.load_behavior("synthetic"), positive="Q " * 40)
     (tmp / "behaviors" / "synthetic.json").write_text(json.dumps(behavior))
     before, after = run(synthetic, "distill", tmp / "distill", "--lr", "1e-2")
     log = [json.loads(l) for l in open(tmp / "distill" / "log.jsonl")]
