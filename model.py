@@ -156,32 +156,6 @@ class Config:
 # Building blocks
 
 
-class Linear(nn.Linear):
-    """nn.Linear, plus an inference-only copy of the weight prepacked for oneDNN (see `Transformer.prepacked`)."""
-    packed = None  # the prepacked copy
-    packed_from = None  # (the weight it was made from, that weight's version counter then)
-    use_packed = False  # set inside `Transformer.prepacked`
-
-    def forward(self, x):
-        if not self.use_packed or torch.is_grad_enabled():  # the packed copy is detached: never differentiate through it
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-    def pack(self):
-        """Make the packed copy, unless the one we have was made from this very weight, unchanged since:
-        the same storage (kept alive by `packed_from`, so its address cannot be reused) and the same
-        version counter, which every in-place write (an optimizer step, load_state_dict) increments."""
-        w = self.weight
-        if self.packed_from is None or self.packed_from[0].data_ptr() != w.data_ptr() or self.packed_from[1] != w._version:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
-            self.packed_from = (w.detach(), w._version)
-
-    def __getstate__(self):
-        # the packed copy is a cache of the weight (and oneDNN's tensors cannot be copied): copies of the
-        # model (copy.deepcopy, as for a frozen reference policy) leave it behind and pack their own
-        return {k: v for k, v in super().__getstate__().items() if k not in ("packed", "packed_from", "use_packed")}
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -334,8 +308,8 @@ class KVCache:
         """Keep, reorder or repeat batch rows (an index tensor), in a cache of max_len slots (default: as
         now): copies a prefilled prompt to its n samples with room to decode, and drops finished rows
         from the active batch. Only the filled slots are copied. The rest is zeroed, though never read
-        before `update` writes it: zeroing faults the new memory in at once, where leaving it empty let
-        every decode step fault in pages one at a time, 4 ms per step at 32 rows here."""
+        before `update` writes it: zeroing faults the new memory in at once, where leaving it empty lets
+        every decode step fault in pages one at a time (docs/speed.md)."""
         shape = (self.k.size(0), len(rows), self.k.size(2), max_len or self.max_len, self.k.size(4))
         k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
         k[:, :, :, :self.pos], v[:, :, :, :self.pos] = self.k[:, rows, :, :self.pos], self.v[:, rows, :, :self.pos]
@@ -437,41 +411,12 @@ class Transformer(nn.Module):
         h, _ = self.hidden(tokens, positions, padding_mask, kv_cache, steer)
         return self.lm_head(h)
 
-    @contextmanager
     def prepacked(self):
-        """Inside this block, no-grad fp32 forward passes on the CPU multiply with copies of the weights
-        reordered into oneDNN's blocked layout. A plain matmul repacks its weight into such panels at
-        every call, and with decoding's few rows that repacking is a large share of the call: a decode
-        step's matmuls at 8-32 rows run 1.1-1.3x faster here (benchmarks/gemm.py; at a prefill's 800 rows
-        the plain path is as fast, so it is for decoding). Packing all weights writes 543 MB into fresh
-        memory (benchmarks/sampler.py's "new weights" column pays for it), so the copies outlive the
-        block and are remade only for weights that changed since (`Linear.pack`): after a training step
-        that updates the last 10 blocks, 20 of 30 blocks and the vocabulary projection are reused. The
-        price is a second copy of the weights kept in memory. Elsewhere (GPU, bf16 weights or autocast,
-        no oneDNN) it changes nothing.
-        (Writes through `.data` bypass the version counter and are not seen: change weights in place
-        under torch.no_grad(), as optimizers do, or call `drop_packed` after writing them otherwise.)"""
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        weight = self.lm_head.weight
-        if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-                and not torch.is_autocast_enabled("cpu")):
-            yield
-            return
-        try:
-            for m in linears:
-                m.pack()
-                m.use_packed = True
-            yield
-        finally:
-            for m in linears:
-                m.use_packed = False
+        """A speed device for CPU decoding; results unchanged. See `prepacked` at the end of the file."""
+        return prepacked(self)
 
     def drop_packed(self):
-        """Forget the prepacked copies, for weights rewritten where the version counter cannot see it
-        (FSDP2's all-gather into the gathered weights): the next `prepacked` block packs them afresh."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.packed = m.packed_from = None
+        drop_packed(self)
 
     # -------------------------------------------------------------------------
     # Checkpoint I/O
@@ -670,3 +615,74 @@ def _check_and_convert(model, found, path):
             raise CheckpointError(f"{where(key)}: lm_head.weight differs from {emb} but config.json says the embeddings are tied")
         raise CheckpointError(f"{where(key)}: unexpected tensor {key} (not used by this {config.model_type} config)")
     return from_hf_state(config, {k: v for k, (v, _) in found.items() if k in expected})
+
+
+# -----------------------------------------------------------------------------
+# Speed device: weights prepacked for oneDNN, for the sampler's decode steps on the CPU. A reader can
+# skip this section: `Linear` is `nn.Linear`, and `prepacked(model)` changes which kernel computes it.
+
+
+class Linear(nn.Linear):
+    """nn.Linear, plus a copy of the weight prepacked for oneDNN that `prepacked` switches on.
+    Plain equivalent: `F.linear(x, weight, bias)`, which it computes whenever the copy is off."""
+    packed = None  # the prepacked copy
+    packed_from = None  # (the weight it was made from, that weight's version counter then)
+    use_packed = False  # set inside `prepacked`
+
+    def forward(self, x):
+        if not self.use_packed or torch.is_grad_enabled():  # the copy is detached: never differentiate it
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def pack(self):
+        """Make the packed copy, unless the one we have was made from this very weight, unchanged since:
+        the same storage (kept alive by `packed_from`, so its address cannot be reused) and the same
+        version counter, which every in-place write (an optimizer step, load_state_dict) increments."""
+        w = self.weight
+        made_from = self.packed_from
+        if made_from is None or made_from[0].data_ptr() != w.data_ptr() or made_from[1] != w._version:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            self.packed_from = (w.detach(), w._version)
+
+    def __getstate__(self):
+        # the packed copy is a cache of the weight (and oneDNN's tensors cannot be copied): copies of the
+        # model (copy.deepcopy, as for a frozen reference policy) leave it behind and pack their own
+        skip = ("packed", "packed_from", "use_packed")
+        return {k: v for k, v in super().__getstate__().items() if k not in skip}
+
+
+@contextmanager
+def prepacked(model):
+    """Inside this block, no-grad fp32 forward passes on the CPU multiply with copies of the weights
+    reordered once into oneDNN's blocked layout. Plain equivalent: nothing (`nullcontext()`); every
+    product is the same `F.linear`, computed by another kernel.
+
+    Why: a plain matmul repacks its weight into such panels at every call, and with decoding's few rows
+    that repacking is a large share of the call (docs/speed.md measures it; at a prefill's hundreds of
+    rows it does not pay). The copies outlive the block and are remade only for weights that changed
+    since (`Linear.pack`), so after a training step of the last blocks the other blocks are reused. The
+    price is a second copy of the weights in memory. Elsewhere (GPU, bf16 weights or autocast, no
+    oneDNN) it changes nothing. Writes through `.data` bypass the version counter and are not seen:
+    change weights in place under torch.no_grad(), as optimizers do, or call `drop_packed` after."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    weight = model.lm_head.weight
+    if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and not torch.is_autocast_enabled("cpu")):
+        yield
+        return
+    try:
+        for m in linears:
+            m.pack()
+            m.use_packed = True
+        yield
+    finally:
+        for m in linears:
+            m.use_packed = False
+
+
+def drop_packed(model):
+    """Forget the prepacked copies, for weights rewritten where the version counter cannot see it
+    (FSDP2's all-gather into the gathered weights): the next `prepacked` block packs them afresh."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.packed = m.packed_from = None

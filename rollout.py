@@ -68,9 +68,6 @@ class Rollouts:
                 for i, (n, why) in enumerate(zip(self.completion_lens.tolist(), self.finish_reasons))]
 
 
-SAMPLE_BLOCK = 1024  # tokens per block of the two-level inverse CDF in sample_token
-
-
 def row_uniforms(seed, row_ids, length):
     """(N, length) float64 uniforms on [0, 1), one stream per row: row r's t-th token is drawn with
     uniforms[r, t], and its stream depends only on (seed, row_ids[r]). So a row samples the same tokens
@@ -86,15 +83,9 @@ def row_uniforms(seed, row_ids, length):
 
 def sample_token(logits, temperature, top_k, top_p, u):
     """(B, V) logits, (B,) float64 uniforms on [0, 1) -> sampled ids (B,) and their log-probs under the
-    distribution actually sampled from: tempered, then truncated by top-k and top-p, renormalised.
-    It draws from that distribution exactly as torch.multinomial would, with u as each row's randomness
-    (inverse-CDF sampling). Greedy when temperature is 0 (then the log-probs are those of the untempered
-    distribution, and u is unused).
-
-    Overwrites `logits` (fp32) with unnormalised probabilities: at 32 rows a vocabulary-sized
-    temporary is 6 MB, and allocating two of them per decode step (the tempered logits and the
-    softmax) made glibc return their pages to the OS and fault them in again, ~4,500 page faults
-    and 5-10 ms per step here, more than the sampling arithmetic itself."""
+    distribution actually sampled from: softmax(logits / temperature), truncated by top-k and top-p and
+    renormalised. Greedy when temperature is 0 (then the log-probs are those of the untempered
+    distribution, and u is unused). Overwrites `logits`."""
     if temperature == 0:
         ids = logits.argmax(-1)
         return ids, F.log_softmax(logits.float(), -1).gather(-1, ids[:, None]).squeeze(-1)
@@ -108,36 +99,7 @@ def sample_token(logits, temperature, top_k, top_p, u):
         sorted_probs = sorted_logits.softmax(-1)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
         logits.scatter_(-1, order, sorted_logits.masked_fill(mass_before >= top_p, float("-inf")))
-    # Inverse-CDF sampling: one uniform per row, the first token whose cumulative probability exceeds it.
-    # torch.multinomial draws one exponential per vocabulary entry instead, which at 32 rows x 49k
-    # tokens was a fifth of a decode step here. It is two-level, so that only one block of each row is
-    # summed cumulatively: first find the block of SAMPLE_BLOCK tokens holding u, then the token in it.
-    # The cumulative sums are float64, so that even the rarest token keeps its own interval; the
-    # probabilities and block sums are fp32 (casting whole rows to float64 cost more than the rest of the
-    # sampler). Probabilities are left unnormalised, exp(logit - max), and u is drawn on [0, total): the
-    # same distribution as the softmax without a division pass. A token of probability 0 (cut by
-    # top-k/top-p, or padding) has an empty interval and is never drawn.
-    B, V = logits.shape
-    weights = logits.sub_(logits.amax(-1, keepdim=True)).exp_()  # (B, V), in place
-    if V % SAMPLE_BLOCK:
-        weights = F.pad(weights, (0, -V % SAMPLE_BLOCK))
-    blocks = weights.reshape(B, -1, SAMPLE_BLOCK)  # (B, nb, SAMPLE_BLOCK); a view unless logits were sliced
-    block_cdf = blocks.sum(-1).double().cumsum(-1)  # (B, nb)
-    total = block_cdf[:, -1:]  # (B, 1)
-    u = u.view(B, 1).to(torch.float64) * total
-    u = torch.minimum(u, below(total))  # u < total even after rounding
-    block = torch.searchsorted(block_cdf, u, right=True)  # (B, 1): the first block whose cdf exceeds u
-    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)  # mass of earlier blocks, <= u
-    cdf = blocks[torch.arange(B, device=logits.device), block.squeeze(-1)].cumsum(-1, dtype=torch.float64)  # (B, SAMPLE_BLOCK)
-    u = torch.minimum(u - before, below(cdf[:, -1:]))  # the block's own sum may round differently from block_cdf
-    ids = (block * SAMPLE_BLOCK + torch.searchsorted(cdf, u, right=True)).squeeze(-1)
-    logp = (weights.gather(-1, ids[:, None]).double() / total).log().float()
-    return ids, logp.squeeze(-1)
-
-
-def below(x):
-    """The largest float below x (same dtype)."""
-    return torch.nextafter(x, torch.zeros_like(x))
+    return inverse_cdf_sample(logits, u)
 
 
 def left_pad(seqs, device):
@@ -219,12 +181,10 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     stopped = torch.zeros(N, dtype=torch.bool, device=device)
     active = torch.arange(N, device=device)  # the output row of each cache row
     alive = torch.ones(N, dtype=torch.bool, device=device)  # cache rows that have not stopped yet
-    # Decode steps multiply few rows, where a weight prepacked once beats repacking it at every call
-    # (model.prepacked). Not at one row: that is a matrix-vector product, bound by reading the weights,
-    # and on this CPU MKL's plain kernel reads them faster than oneDNN's packed one (benchmarks/gemm.py).
-    # Inference mode also skips autograd's bookkeeping (version counters, view tracking) on the hundreds of
-    # small ops of each step. Tensors made in it cannot be saved for backward later, so only this loop
-    # runs in it: it writes into the output tensors made above, and the returned ones are made below.
+    # Speed only, results unchanged: weights prepacked for few-row matmuls (model.prepacked; not for
+    # one row, a matrix-vector product it does not speed up), and inference mode, which skips autograd's
+    # bookkeeping on the many small ops of each step. Tensors made in inference mode cannot be saved for
+    # backward, so only this loop runs in it: it writes into output tensors made outside it.
     with torch.inference_mode(), model.prepacked() if N > 1 else contextlib.nullcontext():
         for t in range(max_new_tokens):
             ids, logp = sample_token(logits[:, :V], temperature, top_k, top_p, uniforms[active, t])
@@ -291,6 +251,53 @@ def completion_logprobs(model, r, rows, temperature, chunk=512):
         ent.append(e)
     zeros = torch.zeros(mask.shape, device=h.device)
     return zeros.masked_scatter(mask, torch.cat(logp)), zeros.masked_scatter(mask, torch.cat(ent))
+
+
+# -----------------------------------------------------------------------------
+# Speed device: drawing a token by a two-level inverse CDF. A reader can skip this section:
+# `inverse_cdf_sample(logits, u)` is `torch.multinomial(logits.softmax(-1), 1)` with u as the randomness.
+
+SAMPLE_BLOCK = 1024  # tokens per block of the two-level inverse CDF
+
+
+def inverse_cdf_sample(logits, u):
+    """(B, V) fp32 logits, (B,) uniforms on [0, 1) -> ids (B,) and their log-probs (B,).
+
+    Plain equivalent: `torch.multinomial(logits.softmax(-1), 1)`, the same distribution, with u as each
+    row's randomness: the first token whose cumulative probability exceeds u. The tests check it against
+    exact probabilities. Why not multinomial: it draws one exponential per vocabulary entry, where this
+    needs one uniform per row and a cumulative sum over one block of each row (docs/speed.md).
+
+    Two levels: find the block of SAMPLE_BLOCK tokens holding u, then the token within it. Cumulative
+    sums are float64, so that even the rarest token keeps its own interval; the probabilities and block
+    sums stay fp32. They are left unnormalised, exp(logit - max), with u scaled to [0, total): the
+    softmax's distribution without a division pass. A token of probability 0 (cut by top-k or top-p, or
+    padding) has an empty interval and is never drawn. Overwrites `logits` in place, since allocating
+    vocabulary-sized temporaries at every decode step costs page faults (docs/speed.md)."""
+    B, V = logits.shape
+    weights = logits.sub_(logits.amax(-1, keepdim=True)).exp_()  # (B, V), in place
+    if V % SAMPLE_BLOCK:
+        weights = F.pad(weights, (0, -V % SAMPLE_BLOCK))
+    blocks = weights.reshape(B, -1, SAMPLE_BLOCK)  # (B, nb, SAMPLE_BLOCK); a view unless logits were sliced
+    block_cdf = blocks.sum(-1).double().cumsum(-1)  # (B, nb)
+    total = block_cdf[:, -1:]  # (B, 1)
+    u = u.view(B, 1).to(torch.float64) * total
+    u = torch.minimum(u, below(total))  # u < total even after rounding
+    block = torch.searchsorted(block_cdf, u, right=True)  # (B, 1): the first block whose cdf exceeds u
+    # the mass of the earlier blocks, <= u
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)
+    rows = torch.arange(B, device=logits.device)
+    cdf = blocks[rows, block.squeeze(-1)].cumsum(-1, dtype=torch.float64)  # (B, SAMPLE_BLOCK)
+    u = torch.minimum(u - before, below(cdf[:, -1:]))  # the block's own sum may round differently
+    ids = (block * SAMPLE_BLOCK + torch.searchsorted(cdf, u, right=True)).squeeze(-1)
+    logp = (weights.gather(-1, ids[:, None]).double() / total).log().float()
+    return ids, logp.squeeze(-1)
+
+
+def below(x):
+    """The largest float below x (same dtype)."""
+    return torch.nextafter(x, torch.zeros_like(x))
+
 
 
 # -----------------------------------------------------------------------------
