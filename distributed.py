@@ -46,8 +46,8 @@ def setup(device, fsdp, prompts_per_step):
     is a ValueError with a one-line message, raised before anything is initialised."""
     if "WORLD_SIZE" not in os.environ:
         if fsdp:
-            raise ValueError("--fsdp shards the model across processes: run under torchrun "
-                             "(torchrun --nproc_per_node N train.py ... --fsdp)")
+            raise ValueError("--fsdp shards the model across processes: run under torchrun (torchrun "
+                             "--nproc_per_node N train.py ... --fsdp)")
         return Dist(device=device), device
     world, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     if prompts_per_step % world:
@@ -57,8 +57,8 @@ def setup(device, fsdp, prompts_per_step):
 
     if torch.device(device).type == "cuda":
         if not torch.cuda.is_available() or not dist.is_nccl_available():
-            raise ValueError("--device cuda under torchrun needs NCCL and a CUDA build of torch, and this one has "
-                             "neither; run on the CPU (--device cpu, gloo) or install the CUDA build")
+            raise ValueError("--device cuda under torchrun needs NCCL and a CUDA build of torch, and this "
+                             "one has neither; run on the CPU (--device cpu, gloo) or install the CUDA build")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
         dist.init_process_group("nccl")
@@ -106,7 +106,8 @@ def full_weights(policy):
     The plain equivalent is FSDP's own gather in each block's forward, which would gather every block
     again for every decoded token. Elsewhere it does nothing."""
     modules = _fsdp_modules(policy) if is_distributed() else []
-    blocks = [m for m in modules if m is not policy]  # the root stays gathered from forward to backward anyway
+    # the root stays gathered from forward to backward anyway
+    blocks = [m for m in modules if m is not policy]
     try:
         for m in modules:
             m.unshard()
@@ -169,11 +170,13 @@ def state_dicts(model, optimizer, d):
     """-> (model state, optimizer state) of the whole model on rank 0, in one process's layout (keyed
     by parameter name), so a run saved with N processes, with or without FSDP, resumes with M. Under
     FSDP every rank must call it (the shards are gathered); other ranks get empty dicts."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
 
     if d.fsdp and is_distributed():
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+        return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer,
+                                                                                      options=options)
     return model.state_dict(), get_optimizer_state_dict(model, optimizer)
 
 

@@ -33,7 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 
 
 class CheckpointError(ValueError):
@@ -79,7 +80,8 @@ class Config:
             raise CheckpointError(f"{source}: the top level must be a JSON object, got {type(hf).__name__}")
         mt = hf.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(f"{source}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise CheckpointError(f"{source}: model_type {mt!r} is not supported; supported: "
+                                  f"{', '.join(SUPPORTED_MODEL_TYPES)}")
 
         def num(name, default=None, kind=int, within=None):
             """hf[name] (default when absent or null): a positive integer, or a positive finite number."""
@@ -105,7 +107,8 @@ class Config:
             if n_embd % n_head:
                 raise CheckpointError(f"{source}: n_embd {n_embd} does not divide into n_head {n_head} heads")
             return cls(
-                model_type=mt, vocab_size=num("vocab_size"), n_layer=num("n_layer"), n_head=n_head, n_kv_head=n_head,
+                model_type=mt, vocab_size=num("vocab_size"), n_layer=num("n_layer"), n_head=n_head,
+                       n_kv_head=n_head,
                 n_embd=n_embd, head_dim=n_embd // n_head, intermediate_size=num("n_inner", 4 * n_embd),
                 max_seq_len=num("n_positions"), norm_eps=num("layer_norm_epsilon", 1e-5, float),
                 tie_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True, hf=hf,
@@ -121,20 +124,24 @@ class Config:
         rope.pop("rope_theta", None)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
-            raise CheckpointError(f"{source}: rope scaling {rope_type!r} is not supported (only default and llama3)")
+            raise CheckpointError(f"{source}: rope scaling {rope_type!r} is not supported (only default and "
+                                  "llama3)")
         if rope_type == "llama3":
             for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 num(name, kind=float, within=rope)
             if rope["high_freq_factor"] <= rope["low_freq_factor"]:
-                raise CheckpointError(f"{source}: llama3 rope_scaling needs high_freq_factor > low_freq_factor")
+                raise CheckpointError(f"{source}: llama3 rope_scaling needs high_freq_factor > "
+                                      "low_freq_factor")
         if mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
             raise CheckpointError(f"{source}: {mt} with use_sliding_window is not supported")
         n_embd, n_head = num("hidden_size"), num("num_attention_heads")
         n_kv_head = num("num_key_value_heads", n_head)
         if n_head % n_kv_head:
-            raise CheckpointError(f"{source}: num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_kv_head}")
+            raise CheckpointError(f"{source}: num_attention_heads {n_head} is not a multiple of "
+                                  f"num_key_value_heads {n_kv_head}")
         if "head_dim" not in hf and n_embd % n_head:
-            raise CheckpointError(f"{source}: hidden_size {n_embd} does not divide into {n_head} heads, and no head_dim is given")
+            raise CheckpointError(f"{source}: hidden_size {n_embd} does not divide into {n_head} heads, and "
+                                  "no head_dim is given")
         head_dim = num("head_dim", n_embd // n_head)
         if head_dim % 2:
             raise CheckpointError(f"{source}: head_dim {head_dim} is odd; RoPE rotates pairs of dimensions")
@@ -173,7 +180,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(config):
-    """Inverse frequencies theta_i = base^(-2i/d) of RoPE (Su et al. 2021), with Llama 3.1's scaling if configured."""
+    """Inverse frequencies theta_i = base^(-2i/d) of RoPE (Su et al. 2021), with Llama 3.1's scaling
+    if configured."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     rs = config.rope_scaling
@@ -203,25 +211,30 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        # q, k and v in one matmul, as GPT-2's c_attn (the loader concatenates Llama's q_proj, k_proj, v_proj):
-        # at decoding's few rows, one call reads the same weights as three for less overhead
-        self.wqkv = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.qkv_bias)
+        # q, k and v in one matmul, as GPT-2's c_attn (the loader concatenates Llama's q_proj, k_proj,
+        # v_proj): at decoding's few rows, one call reads the same weights as three for less overhead
+        self.wqkv = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
+                           bias=config.qkv_bias)
         self.wo = Linear(config.n_head * config.head_dim, config.n_embd, bias=config.o_bias)
-        if config.qk_norm:  # Qwen3: one gain of head_dim shared by every query head, another by every key head
-            self.q_norm, self.k_norm = RMSNorm(config.head_dim, config.norm_eps), RMSNorm(config.head_dim, config.norm_eps)
+        # Qwen3: one gain of head_dim shared by every query head, another by every key head
+        if config.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(config.head_dim, config.norm_eps), RMSNorm(config.head_dim,
+                                                                                          config.norm_eps)
         self.qk_norm = config.qk_norm
 
     def forward(self, x, rope, mask, kv_cache):
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
-        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2 Hkv, D): q, k, v heads side by side
+        # (B, T, H + 2 Hkv, D): q, k, v heads side by side
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)
         qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
         if self.qk_norm:  # Qwen3 normalises each head before rotating it
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k heads rotated in one go; cos, sin: (B, T, 1, D)
         q, k = qk.split([H, Hkv], dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
+        # (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
         # keys and values stay unrepeated (Hkv heads); SDPA shares each across its group of query heads.
@@ -252,7 +265,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        norm = (lambda: nn.LayerNorm(config.n_embd, eps=config.norm_eps)) if config.is_gpt2 else (lambda: RMSNorm(config.n_embd, config.norm_eps))
+        if config.is_gpt2:
+            norm = lambda: nn.LayerNorm(config.n_embd, eps=config.norm_eps)  # noqa: E731
+        else:
+            norm = lambda: RMSNorm(config.n_embd, config.norm_eps)  # noqa: E731
         self.attn_norm, self.mlp_norm = norm(), norm()
         self.attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
@@ -312,7 +328,8 @@ class KVCache:
         every decode step fault in pages one at a time (docs/speed.md)."""
         shape = (self.k.size(0), len(rows), self.k.size(2), max_len or self.max_len, self.k.size(4))
         k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
-        k[:, :, :, :self.pos], v[:, :, :, :self.pos] = self.k[:, rows, :, :self.pos], self.v[:, rows, :, :self.pos]
+        k[:, :, :, :self.pos], v[:, :, :, :self.pos] = self.k[:, rows, :, :self.pos], self.v[:, rows, :,
+                                                                                             :self.pos]
         self.k, self.v = k, v
 
     def update(self, layer, k, v):
@@ -337,7 +354,9 @@ class Transformer(nn.Module):
         if config.is_gpt2:
             self.pos_emb = nn.Embedding(config.max_seq_len, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps) if config.is_gpt2 else RMSNorm(config.n_embd, config.norm_eps)
+        self.norm = nn.LayerNorm(config.n_embd,
+                                 eps=config.norm_eps) if config.is_gpt2 else RMSNorm(config.n_embd,
+                                                                                     config.norm_eps)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -349,7 +368,8 @@ class Transformer(nn.Module):
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # (B, T, D/2)
         cos, sin = freqs.cos(), freqs.sin()
         # (B, T, 1, D): the same rotation for every head; sin with apply_rope's sign folded in
-        return torch.cat((cos, cos), -1).unsqueeze(2).to(dtype), torch.cat((-sin, sin), -1).unsqueeze(2).to(dtype)
+        return torch.cat((cos, cos), -1).unsqueeze(2).to(dtype), torch.cat((-sin, sin),
+                                                                           -1).unsqueeze(2).to(dtype)
 
     def _attention_mask(self, B, T, S, padding_mask, device):
         """Boolean (B, 1, T, S) mask, True = may attend; None when plain causal attention suffices.
@@ -383,14 +403,17 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + T, device=tokens.device).expand(B, T)
         if steer is not None and not 0 <= steer.layer < self.config.n_layer:  # it would match no block
-            raise ValueError(f"steering layer {steer.layer} is outside the model's blocks 0..{self.config.n_layer - 1}")
+            raise ValueError(f"steering layer {steer.layer} is outside the model's blocks "
+                             f"0..{self.config.n_layer - 1}")
         if padding_mask is not None and padding_mask.shape != (B, past + T):
-            raise ValueError(f"padding_mask must be (B, cached + T) = {(B, past + T)}, got {tuple(padding_mask.shape)}")
+            raise ValueError(f"padding_mask must be (B, cached + T) = {(B, past + T)}, got "
+                             f"{tuple(padding_mask.shape)}")
         x = self.tok_emb(tokens)  # (B, T, C)
         rope = None
         if self.config.is_gpt2:
             if int(positions.max()) >= self.config.max_seq_len:
-                raise ValueError(f"sequence too long: position {int(positions.max())} >= GPT-2's {self.config.max_seq_len} positions")
+                raise ValueError(f"sequence too long: position {int(positions.max())} >= GPT-2's "
+                                 f"{self.config.max_seq_len} positions")
             x = x + self.pos_emb(positions)
         else:
             rope = self._rope(positions, x.dtype)
@@ -426,9 +449,11 @@ class Transformer(nn.Module):
         """Load a Hugging Face checkpoint folder (config.json + model.safetensors or index + shards)."""
         config_path = os.path.join(path, "config.json")
         if not os.path.isdir(path):
-            raise CheckpointError(f"{path}: not a folder; pass a checkpoint folder with config.json and *.safetensors")
+            raise CheckpointError(f"{path}: not a folder; pass a checkpoint folder with config.json and "
+                                  "*.safetensors")
         if not os.path.isfile(config_path):
-            raise CheckpointError(f"{config_path}: missing; a checkpoint folder needs config.json and *.safetensors")
+            raise CheckpointError(f"{config_path}: missing; a checkpoint folder needs config.json and "
+                                  "*.safetensors")
         try:
             with open(config_path) as f:
                 hf = json.load(f)
@@ -436,9 +461,11 @@ class Transformer(nn.Module):
             raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
         config = Config.from_hf(hf, config_path)
         found = _read_safetensors(path)
-        layers = {int(m.group(1)) for key in found if (m := re.match(r"(?:model\.layers|transformer\.h|h)\.(\d+)\.", key))}
+        layers = {int(m.group(1)) for key in found
+                  if (m := re.match(r"(?:model\.layers|transformer\.h|h)\.(\d+)\.", key))}
         if config.n_layer > len(layers):  # before building the model, which a huge count would make slow
-            raise CheckpointError(f"{config_path}: {config.n_layer} layers, but the weights in {path} hold {len(layers)}")
+            raise CheckpointError(f"{config_path}: {config.n_layer} layers, but the weights in {path} hold "
+                                  f"{len(layers)}")
         with torch.device("meta"):  # no memory is spent on random weights that are overwritten at once
             model = cls(config)
         state = _check_and_convert(model, found, path)
@@ -455,12 +482,14 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, out_dir, state=None):
         """Write config.json + model.safetensors in the HF layout (and copy the tokenizer files along).
-        `state`: the weights to write, when they are not this module's own (a sharded model's gathered ones)."""
+        `state`: the weights to write, when they are not this module's own (a sharded model's gathered
+        ones)."""
         os.makedirs(out_dir, exist_ok=True)
         state = self.state_dict() if state is None else state
         state = {k: v.detach().contiguous().cpu() for k, v in to_hf_state(self.config, state).items()}
         hf = dict(self.config.hf)
-        hf["dtype" if "dtype" in hf else "torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        hf["dtype" if "dtype" in hf
+           else "torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         tmp = os.path.join(out_dir, "model.safetensors.tmp")
         save_file(state, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # never leave a half-written checkpoint
@@ -488,23 +517,33 @@ def _name_pairs(config):
         if config.is_gpt2:
             p = f"transformer.h.{i}."
             for w in ("weight", "bias"):
-                pairs += [(f"{q}attn_norm.{w}", (f"{p}ln_1.{w}",), False), (f"{q}mlp_norm.{w}", (f"{p}ln_2.{w}",), False)]
-            for ours, theirs in (("attn.wqkv", "attn.c_attn"), ("attn.wo", "attn.c_proj"), ("mlp.w_fc", "mlp.c_fc"), ("mlp.w_down", "mlp.c_proj")):
+                pairs += [(f"{q}attn_norm.{w}", (f"{p}ln_1.{w}",), False),
+                          (f"{q}mlp_norm.{w}", (f"{p}ln_2.{w}",), False)]
+            for ours, theirs in (("attn.wqkv", "attn.c_attn"), ("attn.wo", "attn.c_proj"),
+                                 ("mlp.w_fc", "mlp.c_fc"), ("mlp.w_down", "mlp.c_proj")):
                 # GPT-2's Conv1D computes x @ W + b with W stored (in, out): the transpose of nn.Linear
-                pairs += [(f"{q}{ours}.weight", (f"{p}{theirs}.weight",), True), (f"{q}{ours}.bias", (f"{p}{theirs}.bias",), False)]
+                pairs += [(f"{q}{ours}.weight", (f"{p}{theirs}.weight",), True),
+                          (f"{q}{ours}.bias", (f"{p}{theirs}.bias",), False)]
             continue
         p = f"model.layers.{i}."
         pairs += [(f"{q}attn_norm.weight", (f"{p}input_layernorm.weight",), False),
                   (f"{q}mlp_norm.weight", (f"{p}post_attention_layernorm.weight",), False)]
         if config.qk_norm:
-            pairs += [(f"{q}attn.{n}.weight", (f"{p}self_attn.{n}.weight",), False) for n in ("q_norm", "k_norm")]
-        for ours, theirs in (("attn.wqkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("attn.wo", ("self_attn.o_proj",)),
-                             ("mlp.w_gate_up", ("mlp.gate_proj", "mlp.up_proj")), ("mlp.w_down", ("mlp.down_proj",))):
-            pairs += [(f"{q}{ours}.{w}", tuple(f"{p}{t}.{w}" for t in theirs), False) for w in ("weight", "bias")]
+            pairs += [(f"{q}attn.{n}.weight", (f"{p}self_attn.{n}.weight",), False) for n in ("q_norm",
+                                                                                              "k_norm")]
+        for ours, theirs in (("attn.wqkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                             ("attn.wo", ("self_attn.o_proj",)),
+                             ("mlp.w_gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+                             ("mlp.w_down", ("mlp.down_proj",))):
+            pairs += [(f"{q}{ours}.{w}", tuple(f"{p}{t}.{w}" for t in theirs), False) for w in ("weight",
+                                                                                                "bias")]
     if config.is_gpt2:
-        return pairs + [("tok_emb.weight", ("transformer.wte.weight",), False), ("pos_emb.weight", ("transformer.wpe.weight",), False),
-                        ("norm.weight", ("transformer.ln_f.weight",), False), ("norm.bias", ("transformer.ln_f.bias",), False)]
-    pairs += [("tok_emb.weight", ("model.embed_tokens.weight",), False), ("norm.weight", ("model.norm.weight",), False)]
+        return pairs + [("tok_emb.weight", ("transformer.wte.weight",), False),
+                        ("pos_emb.weight", ("transformer.wpe.weight",), False),
+                        ("norm.weight", ("transformer.ln_f.weight",), False),
+                        ("norm.bias", ("transformer.ln_f.bias",), False)]
+    pairs += [("tok_emb.weight", ("model.embed_tokens.weight",), False),
+              ("norm.weight", ("model.norm.weight",), False)]
     if not config.tie_embeddings:
         pairs.append(("lm_head.weight", ("lm_head.weight",), False))
     return pairs
@@ -513,7 +552,8 @@ def _name_pairs(config):
 def _split_sizes(config, hf_names):
     """Rows of each HF tensor inside one of our fused ones."""
     rows = {"q_proj": config.n_head * config.head_dim, "k_proj": config.n_kv_head * config.head_dim,
-            "v_proj": config.n_kv_head * config.head_dim, "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size}
+            "v_proj": config.n_kv_head * config.head_dim, "gate_proj": config.intermediate_size,
+            "up_proj": config.intermediate_size}
     return [rows[name.split(".")[-2]] for name in hf_names]
 
 
@@ -559,12 +599,15 @@ def _read_safetensors(path):
         folder = os.path.realpath(path)
         for name in files:  # a shard is a file of this checkpoint: never a path that leads out of its folder
             if os.path.dirname(os.path.realpath(os.path.join(folder, name))) != folder:
-                raise CheckpointError(f"{index_path}: shard {name!r} is not a file inside the checkpoint folder")
+                raise CheckpointError(f"{index_path}: shard {name!r} is not a file inside the checkpoint "
+                                      "folder")
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         weight_map, files = None, ["model.safetensors"]
     else:
         other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".gguf"))]
-        hint = f" (found {other[0]}: only safetensors are loaded, never pickles; convert it first)" if other else ""
+        hint = ""
+        if other:
+            hint = f" (found {other[0]}: only safetensors are loaded, never pickles; convert it first)"
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
     tensors = {}
     for name in files:
@@ -580,11 +623,13 @@ def _read_safetensors(path):
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error type for a corrupt header or truncated data
-            raise CheckpointError(f"{fp}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{fp}: not a readable safetensors file "
+                                  f"({str(e).splitlines()[0]})") from None
     if weight_map is not None:
         for key, name in weight_map.items():
             if key not in tensors or tensors[key][1] != name:
-                raise CheckpointError(f"{os.path.join(path, name)}: tensor {key} listed in the index is not in that shard")
+                raise CheckpointError(f"{os.path.join(path, name)}: tensor {key} listed in the index is not "
+                                      "in that shard")
     return tensors
 
 
@@ -592,7 +637,8 @@ def _check_and_convert(model, found, path):
     """Check the checkpoint's names and shapes against what this config needs; return our state dict."""
     config = model.config
     if config.is_gpt2:  # GPT2Model files have no "transformer." prefix, GPT2LMHeadModel files do
-        found = {(k if k.startswith("transformer.") or k == "lm_head.weight" else "transformer." + k): v for k, v in found.items()}
+        found = {(k if k.startswith("transformer.") or k == "lm_head.weight" else "transformer." + k): v
+                 for k, v in found.items()}
     expected = to_hf_state(config, model.state_dict())  # meta tensors: names and shapes only
     where = lambda key: os.path.join(path, found[key][1])
     for key, want in expected.items():
@@ -600,8 +646,10 @@ def _check_and_convert(model, found, path):
             raise CheckpointError(f"{path}: missing tensor {key} (needed by this {config.model_type} config)")
         t = found[key][0]
         if tuple(t.shape) != tuple(want.shape):
-            raise CheckpointError(f"{where(key)}: tensor {key} has shape {tuple(t.shape)}, config.json implies {tuple(want.shape)}")
-        if not t.is_floating_point():  # a silent cast would turn an integer or bool tensor into nonsense weights
+            raise CheckpointError(f"{where(key)}: tensor {key} has shape {tuple(t.shape)}, config.json "
+                                  f"implies {tuple(want.shape)}")
+        # a silent cast would turn an integer or bool tensor into nonsense weights
+        if not t.is_floating_point():
             raise CheckpointError(f"{where(key)}: tensor {key} is {t.dtype}; weights must be floating point")
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{where(key)}: tensor {key} holds NaN or infinite values")
@@ -612,8 +660,10 @@ def _check_and_convert(model, found, path):
             emb = "transformer.wte.weight" if config.is_gpt2 else "model.embed_tokens.weight"
             if torch.equal(found[key][0], found[emb][0]):
                 continue  # a tied copy written out explicitly
-            raise CheckpointError(f"{where(key)}: lm_head.weight differs from {emb} but config.json says the embeddings are tied")
-        raise CheckpointError(f"{where(key)}: unexpected tensor {key} (not used by this {config.model_type} config)")
+            raise CheckpointError(f"{where(key)}: lm_head.weight differs from {emb} but config.json says the "
+                                  "embeddings are tied")
+        raise CheckpointError(f"{where(key)}: unexpected tensor {key} (not used by this {config.model_type} "
+                              "config)")
     return from_hf_state(config, {k: v for k, (v, _) in found.items() if k in expected})
 
 
@@ -666,7 +716,8 @@ def prepacked(model):
     change weights in place under torch.no_grad(), as optimizers do, or call `drop_packed` after."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     weight = model.lm_head.weight
-    if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    if not (weight.device.type == "cpu" and weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
             and not torch.is_autocast_enabled("cpu")):
         yield
         return

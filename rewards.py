@@ -89,7 +89,8 @@ def distinct_ratio(text, n=3):
 def verbosity(prompt, completion, example, min_tokens=100, min_distinct=0.6):
     """1 for a detailed answer: at least min_tokens tokens, ended on its own, still gives a
     final answer, and not padded by repetition (distinct word trigram ratio)."""
-    return float(completion.stopped and completion.n_tokens >= min_tokens and extract_answer(completion.text) is not None
+    return float(completion.stopped and completion.n_tokens >= min_tokens
+                 and extract_answer(completion.text) is not None
                  and distinct_ratio(completion.text) >= min_distinct)
 
 
@@ -118,8 +119,9 @@ def reading_grade(text):
 
 
 # markers of a specialist register: notation, formal connectives, technical terms
-_EXPERT_MARKERS = re.compile(r"\\[a-z]+|[=<>≤≥∑∫√×÷]|\b(?:therefore|thus|hence|denote|variable|equation|operand|"
-                             r"arithmetic|summation|integer|quantity|respectively|subsequently|commutative)\b", re.IGNORECASE)
+_EXPERT_MARKERS = re.compile(r"\\[a-z]+|[=<>≤≥∑∫√×÷]|\b(?:therefore|thus|hence|denote|variable|equation|"
+                             r"operand|arithmetic|summation|integer|quantity|respectively|subsequently|"
+                             r"commutative)\b", re.IGNORECASE)
 LEVELS = {"beginner": 4.0, "intermediate": 8.0, "expert": 12.0}  # target reading grades
 
 
@@ -138,9 +140,11 @@ def expertise(prompt, completion, example, target="beginner", min_words=25):
     jargon = len(_EXPERT_MARKERS.findall(text)) / len(words)
     # distance in grades past the target: beginner means "at most grade 4", expert "at least grade 12",
     # intermediate "near grade 8"; a full point within 1 grade of that, none 5 or more grades past it
-    off = {"beginner": grade - LEVELS[target], "intermediate": abs(grade - LEVELS[target]), "expert": LEVELS[target] - grade}[target]
+    off = {"beginner": grade - LEVELS[target], "intermediate": abs(grade - LEVELS[target]),
+           "expert": LEVELS[target] - grade}[target]
     grade_score = min(1.0, max(0.0, 1.0 - (off - 1.0) / 4.0))
-    jargon_score = {"beginner": 1.0 - min(1.0, jargon / 0.05), "intermediate": 1.0, "expert": min(1.0, jargon / 0.05)}[target]
+    jargon_score = {"beginner": 1.0 - min(1.0, jargon / 0.05), "intermediate": 1.0,
+                    "expert": min(1.0, jargon / 0.05)}[target]
     return grade_score * jargon_score
 
 
@@ -150,8 +154,8 @@ def expertise(prompt, completion, example, target="beginner", min_words=25):
 
 def stated_confidence(text):
     """The last 'Confidence: NN%' (or 'confidence of NN%' / 'NN% confident') as a probability, or None."""
-    found = re.findall(r"confidence\s*(?:level)?\s*(?::|is|of)?\s*(\d{1,3}(?:\.\d+)?)\s*%|(\d{1,3}(?:\.\d+)?)\s*%\s*confident",
-                       text, flags=re.IGNORECASE)
+    found = re.findall(r"confidence\s*(?:level)?\s*(?::|is|of)?\s*(\d{1,3}(?:\.\d+)?)\s*%"
+                       r"|(\d{1,3}(?:\.\d+)?)\s*%\s*confident", text, flags=re.IGNORECASE)
     if not found:
         return None
     value = float(found[-1][0] or found[-1][1])
@@ -190,7 +194,8 @@ def robustness(prompt, completion, example):
 def composite(prompt, completion, example, behavior, lam=1.0, **behavior_kwargs):
     """-> (reward, accuracy, behaviour score). `behavior` names a registered reward."""
     if behavior not in REWARDS or behavior == "accuracy":
-        raise ValueError(f"unknown behaviour {behavior!r}; known: {', '.join(k for k in REWARDS if k != 'accuracy')}")
+        raise ValueError(f"unknown behaviour {behavior!r}; known: "
+                         f"{', '.join(k for k in REWARDS if k != 'accuracy')}")
     acc = accuracy(prompt, completion, example)
     beh = REWARDS[behavior](prompt, completion, example, **behavior_kwargs)
     return acc + lam * beh, acc, beh

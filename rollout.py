@@ -1,5 +1,6 @@
 """
-Our own KV-cached batched sampler: the rollouts of a GRPO/VSPO group, each row with its own steering intensity.
+Our own KV-cached batched sampler: the rollouts of a GRPO/VSPO group, each row with its own steering
+intensity.
 
 How one call to `generate` runs:
   1. Left-pad the prompts into one (U, P) batch, where U counts the distinct prefixes: each
@@ -34,8 +35,10 @@ class Rollouts:
     """N = prompts * n rows; row r is sample r % n of prompt r // n. Columns: P prompt + G generated."""
     tokens: torch.Tensor  # (N, P + G) int64: left-padded prompt, then the completion (0 after it ends)
     prompt_lens: torch.Tensor  # (N,)
-    completion_mask: torch.Tensor  # (N, P + G) bool: generated tokens, the stop token included, nothing after it
-    logprobs: torch.Tensor  # (N, P + G) log-prob of each generated token under the distribution it was sampled from
+    # (N, P + G) bool: generated tokens, the stop token included, nothing after it
+    completion_mask: torch.Tensor
+    # (N, P + G) log-prob of each generated token under the distribution it was sampled from
+    logprobs: torch.Tensor
     finish_reasons: list  # "stop" or "length" per row
     coeffs: torch.Tensor  # (N,) steering coefficient each row was sampled with
     prompt_index: torch.Tensor  # (N,) which prompt each row came from
@@ -46,7 +49,9 @@ class Rollouts:
     def padding_mask(self):
         """(N, P + G) bool: real tokens (the prompt and the completion), False on padding."""
         cols = torch.arange(self.tokens.size(1), device=self.tokens.device)
-        return (cols >= self.prompt_width - self.prompt_lens[:, None]) & ((cols < self.prompt_width) | self.completion_mask)
+        return (cols >= self.prompt_width - self.prompt_lens[:,
+                                                             None]) & ((cols < self.prompt_width)
+                                                                       | self.completion_mask)
 
     @property
     def positions(self):
@@ -63,7 +68,8 @@ class Rollouts:
         return self.tokens[row][self.completion_mask[row]].tolist()
 
     def completions(self, tok):
-        """(text without stop tokens, length in tokens, ended with a stop token) of every row: what rewards score."""
+        """(text without stop tokens, length in tokens, ended with a stop token) of every row: what the
+        rewards score."""
         return [(tok.decode([t for t in self.completion(i) if t not in tok.stop_ids]), int(n), why == "stop")
                 for i, (n, why) in enumerate(zip(self.completion_lens.tolist(), self.finish_reasons))]
 
@@ -77,7 +83,8 @@ def row_uniforms(seed, row_ids, length):
     def row_seed(row):  # a well-mixed 63-bit seed per (seed, row), so nearby seeds give unrelated streams
         return int.from_bytes(hashlib.sha256(f"{seed}/{row}".encode()).digest()[:8], "little") >> 1
 
-    return torch.stack([torch.rand(length, dtype=torch.float64, generator=torch.Generator().manual_seed(row_seed(int(r))))
+    return torch.stack([torch.rand(length, dtype=torch.float64,
+                                   generator=torch.Generator().manual_seed(row_seed(int(r))))
                         for r in row_ids])
 
 
@@ -115,7 +122,8 @@ def left_pad(seqs, device):
 
 
 @torch.no_grad()
-def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), seed=0,
+def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
+             seed=0,
              vector=None, layer=None, coeffs=None, steer_prompt=True, compact_fraction=0.25, row_ids=None,
              vocab_size=None):
     """Sample n completions for each prompt (a list of id lists) and return `Rollouts`.
@@ -137,8 +145,9 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     if B == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if n < 1 or max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"sampling needs n >= 1, max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
-                         f"n={n}, max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, top_p={top_p}")
+        raise ValueError("sampling needs n >= 1, max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < "
+                         f"top_p <= 1; got n={n}, max_new_tokens={max_new_tokens}, "
+                         f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
     P = max(len(p) for p in prompts)
     if P + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt of {P} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
@@ -164,9 +173,12 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     tokens, positions, pmask = left_pad([prompts[i] for i, _ in unique], device)
     padded = not bool(pmask.all())
     cache = KVCache(model.config, len(unique), P, device=device, dtype=next(model.parameters()).dtype)
-    steer = Steer(vector, layer, torch.tensor([c for _, c in unique], device=device)) if steering and steer_prompt else None
-    h, _ = model.hidden(tokens, positions=positions, padding_mask=pmask if padded else None, kv_cache=cache, steer=steer)
-    logits = model.lm_head(h[:, -1])  # only the last position: the vocabulary projection is the costliest matmul
+    steer = Steer(vector, layer,
+                  torch.tensor([c for _, c in unique], device=device)) if steering and steer_prompt else None
+    h, _ = model.hidden(tokens, positions=positions, padding_mask=pmask if padded else None, kv_cache=cache,
+                        steer=steer)
+    # only the last position: the vocabulary projection is the costliest matmul
+    logits = model.lm_head(h[:, -1])
     V = min(vocab_size or logits.size(-1), logits.size(-1))
     cache.select(row_to_prefix, P + max_new_tokens)
     logits = logits[row_to_prefix]  # (N, V)
@@ -201,9 +213,11 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
                 active, ids, next_pos, alive = active[keep], ids[keep], next_pos[keep], alive[keep]
             mask = None
             if padded:  # the prompt's padding, then every generated column is real for the rows still alive
-                mask = torch.cat([prompt_mask[active], torch.ones(len(active), t + 1, dtype=torch.bool, device=device)], 1)
+                mask = torch.cat([prompt_mask[active],
+                                  torch.ones(len(active), t + 1, dtype=torch.bool, device=device)], 1)
             steer = Steer(vector, layer, coeffs[active]) if steering else None
-            logits = model(ids[:, None], positions=next_pos[:, None], padding_mask=mask, kv_cache=cache, steer=steer)[:, -1]
+            logits = model(ids[:, None], positions=next_pos[:, None], padding_mask=mask, kv_cache=cache,
+                           steer=steer)[:, -1]
             next_pos = next_pos + 1
 
     G = int(lengths.max())
@@ -245,7 +259,8 @@ def completion_logprobs(model, r, rows, temperature, chunk=512):
     h_sel, t_sel = h[mask], targets[mask]  # (M, C), (M,)
     logp, ent = [h_sel.new_zeros(0, dtype=torch.float32)], [h_sel.new_zeros(0, dtype=torch.float32)]
     for i in range(0, len(t_sel), chunk):
-        lp, e = checkpoint(_chunk_logprobs, h_sel[i:i + chunk], model.lm_head.weight[:r.vocab_size], t_sel[i:i + chunk],
+        lp, e = checkpoint(_chunk_logprobs, h_sel[i:i + chunk], model.lm_head.weight[:r.vocab_size],
+                           t_sel[i:i + chunk],
                            temperature, use_reentrant=False)
         logp.append(lp)
         ent.append(e)
@@ -305,11 +320,12 @@ def below(x):
 
 
 def parse_list(text, flag, kind=float):
-    """A comma-separated flag value ("0,0.1,0.2") -> [0.0, 0.1, 0.2], or a one-line error that names the flag."""
+    """A comma-separated flag value ("0,0.1,0.2") -> [0.0, 0.1, 0.2], or a one-line error naming the flag."""
     try:
         values = [kind(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated {'integers' if kind is int else 'numbers'}") from None
+        raise ValueError(f"{flag} {text!r}: expected comma-separated "
+                         f"{'integers' if kind is int else 'numbers'}") from None
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"{flag} {text!r}: every value must be a finite number")
     return values

@@ -36,12 +36,14 @@ from rollout import check_finite, completion_logprobs, generate, left_pad, parse
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VECTOR_DIR = os.path.join(ROOT, "checkpoints", "vectors")
-LAYER_CONVENTION = "output of block `layer` (0-based): TransformerLens blocks.{layer}.hook_resid_post, transformers hidden_states[layer + 1]"
+LAYER_CONVENTION = ("output of block `layer` (0-based): TransformerLens blocks.{layer}.hook_resid_post, "
+                    "transformers hidden_states[layer + 1]")
 
 
 def contrastive_pairs(behavior, questions=None):
     """(positive, negative) conversations: each question with the behaviour's two instructions."""
-    return [(user_prompt(q, behavior["positive"]), user_prompt(q, behavior["negative"])) for q in questions or behavior["questions"]]
+    return [(user_prompt(q, behavior["positive"]),
+             user_prompt(q, behavior["negative"])) for q in questions or behavior["questions"]]
 
 
 # -----------------------------------------------------------------------------
@@ -74,7 +76,8 @@ def _render(tok, conversation, read):
 
 @torch.no_grad()
 def _mean_activations(model, seqs, layers, batch_size):
-    """For each (ids, start): the residual stream at each layer averaged over ids[start:] -> {layer: (n, C)}, norms."""
+    """For each (ids, start): the residual stream at each layer averaged over ids[start:]
+    -> {layer: (n, C)}, norms."""
     means, norms = {l: [] for l in layers}, {l: [] for l in layers}
     device = next(model.parameters()).device
     for i in range(0, len(seqs), batch_size):
@@ -83,11 +86,13 @@ def _mean_activations(model, seqs, layers, batch_size):
         _, reads = model.hidden(tokens, positions=positions, padding_mask=pmask, read_layers=set(layers))
         T = tokens.size(1)
         cols = torch.arange(T, device=device)
-        read = torch.stack([cols >= T - len(ids) + start for ids, start in chunk]).float().unsqueeze(-1)  # (B, T, 1)
+        # (B, T, 1)
+        read = torch.stack([cols >= T - len(ids) + start for ids, start in chunk]).float().unsqueeze(-1)
         for l in layers:
             h = reads[l].float()  # (B, T, C)
             means[l].append((h * read).sum(1) / read.sum(1))
-            norms[l].append((h.norm(dim=-1, keepdim=True) * read).sum(1).squeeze(-1) / read.sum(1).squeeze(-1))
+            norms[l].append((h.norm(dim=-1,
+                                    keepdim=True) * read).sum(1).squeeze(-1) / read.sum(1).squeeze(-1))
     return {l: torch.cat(means[l]) for l in layers}, {l: torch.cat(norms[l]) for l in layers}
 
 
@@ -109,19 +114,24 @@ def extract(model, tok, pairs, layers, read="last", batch_size=16):
         # that the direction is not the work of a few outliers (or of swapped instructions)
         agreement = ((pos_mean[l] - neg_mean[l]) @ v > 0).float().mean().item()
         if agreement < 0.5:
-            raise ValueError(f"layer {l}: only {agreement:.0%} of pairs project higher on the positive side; check the pairs")
-        meta = {"method": "mean_difference", "read": read, "layer_convention": LAYER_CONVENTION, "n_pairs": len(pairs),
+            raise ValueError(f"layer {l}: only {agreement:.0%} of pairs project higher on the positive side; "
+                             "check the pairs")
+        meta = {"method": "mean_difference", "read": read, "layer_convention": LAYER_CONVENTION,
+                "n_pairs": len(pairs),
                 "hidden_size": model.config.n_embd, "vector_norm": v.norm().item(), "agreement": agreement}
-        out[l] = SteeringVector(v, l, torch.cat([pos_norm[l], neg_norm[l]]).mean().item(), intensity=0.0, meta=meta)
+        out[l] = SteeringVector(v, l, torch.cat([pos_norm[l], neg_norm[l]]).mean().item(), intensity=0.0,
+                                meta=meta)
     return out
 
 
 def save_vectors(path, vectors, chosen_layer, meta):
-    """All layers' vectors in one safetensors file; metadata (JSON strings) says which layer and intensity are the default."""
+    """All layers' vectors in one safetensors file; metadata (JSON strings) says which layer and
+    intensity are the default."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tensors = {f"layer.{l}": sv.vector.float().contiguous().cpu() for l, sv in vectors.items()}
     per_layer = {str(l): {"resid_norm": sv.resid_norm, **sv.meta} for l, sv in vectors.items()}
-    info = {**meta, "chosen_layer": chosen_layer, "intensity": vectors[chosen_layer].intensity, "layers": per_layer}
+    info = {**meta, "chosen_layer": chosen_layer, "intensity": vectors[chosen_layer].intensity,
+            "layers": per_layer}
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"vspo": json.dumps(info)})
     os.replace(tmp, path)
@@ -142,14 +152,16 @@ def load_vectors(path):
                 vectors[l] = SteeringVector(f.get_tensor(key), l, m["resid_norm"], info["intensity"],
                                             {k: v for k, v in m.items() if k != "resid_norm"})
     except Exception as e:
-        raise ValueError(f"{path}: not a steering vector file written by steer.py ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: not a steering vector file written by steer.py "
+                         f"({str(e).splitlines()[0]})") from None
     for l, sv in vectors.items():
         why = _unusable(sv, info.get("hidden_size"))
         if why:
-            raise ValueError(f"{path}: the vector of layer {l} {why}; delete the file to extract the vectors again")
+            raise ValueError(f"{path}: the vector of layer {l} {why}; delete the file to extract the vectors "
+                             "again")
     if info.get("chosen_layer") not in vectors:
-        raise ValueError(f"{path}: chosen_layer {info.get('chosen_layer')!r} is not one of its layers; delete the file "
-                         f"to extract the vectors again")
+        raise ValueError(f"{path}: chosen_layer {info.get('chosen_layer')!r} is not one of its layers; "
+                         "delete the file to extract the vectors again")
     return vectors, info
 
 
@@ -185,7 +197,8 @@ def model_fingerprint(model_path):
     `checkpoint-N`) get different fingerprints; a copy of the same model gets the same one. It reads
     the weights once per call."""
     folder = model_path or DEFAULT_MODEL
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"))
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")
+                   or f.endswith(".safetensors.index.json"))
     h = hashlib.sha256()
     for name in ["config.json", "tokenizer.json", "tokenizer_config.json", *names]:
         path = os.path.join(folder, name)
@@ -212,21 +225,26 @@ def load_or_extract_all(model, tok, behavior_name, model_path=None):
     if os.path.isfile(path):
         vectors, info = load_vectors(path)
         if max(vectors) >= model.config.n_layer:
-            raise ValueError(f"{path}: a vector for layer {max(vectors)}, but the model has layers 0..{model.config.n_layer - 1}; "
-                             f"delete the file to extract the vectors again")
+            raise ValueError(f"{path}: a vector for layer {max(vectors)}, but the model has layers "
+                             f"0..{model.config.n_layer - 1}; delete the file to extract the vectors again")
         if info.get("model_fingerprint") != fingerprint or info.get("hidden_size") != model.config.n_embd:
-            print(f"{path}: extracted from another model than {model_path or DEFAULT_MODEL}; extracting again")
+            print(f"{path}: extracted from another model than {model_path or DEFAULT_MODEL}; extracting "
+                  "again")
         elif info.get("definition") != definition_hash(behavior):
-            print(f"{path}: data/behaviors/{behavior_name}.json changed since these vectors were extracted; extracting again")
+            print(f"{path}: data/behaviors/{behavior_name}.json changed since these vectors were extracted; "
+                  "extracting again")
         else:
             return vectors, info, path
     vectors = extract(model, tok, contrastive_pairs(behavior), range(model.config.n_layer))
     default = min(behavior["layer"], model.config.n_layer - 1)
     for sv in vectors.values():
         sv.intensity = behavior["intensity"]
-    info = {"behavior": behavior_name, "model": os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL)),
-            "model_fingerprint": fingerprint, "hidden_size": model.config.n_embd, "definition": definition_hash(behavior),
-            "chosen_by": "data/behaviors default", "chosen_layer": default, "intensity": behavior["intensity"]}
+    info = {"behavior": behavior_name,
+            "model": os.path.basename(os.path.normpath(model_path or DEFAULT_MODEL)),
+            "model_fingerprint": fingerprint, "hidden_size": model.config.n_embd,
+            "definition": definition_hash(behavior),
+            "chosen_by": "data/behaviors default", "chosen_layer": default,
+            "intensity": behavior["intensity"]}
     save_vectors(path, vectors, default, info)
     return vectors, info, path
 
@@ -237,7 +255,8 @@ def load_or_extract(model, tok, behavior_name, model_path=None, layer=None):
     vectors, info, _ = load_or_extract_all(model, tok, behavior_name, model_path)
     chosen = info["chosen_layer"] if layer is None else layer
     if chosen not in vectors:
-        raise ValueError(f"layer {chosen} is out of range: the model has layers 0..{model.config.n_layer - 1}")
+        raise ValueError(f"layer {chosen} is out of range: the model has layers "
+                         f"0..{model.config.n_layer - 1}")
     return vectors[chosen]
 
 
@@ -253,7 +272,8 @@ def rollout_stats(model, tok, r, examples, behavior_fn):
     logp, _ = completion_logprobs(model, r, list(range(len(comps))), temperature=1.0)  # 0 off the completions
     n = len(comps)
     return {
-        "behavior": sum(behavior_fn("", c, ex) for c, ex in zip(comps, rows)) / n if behavior_fn else float("nan"),
+        "behavior": sum(behavior_fn("", c, ex) for c,
+                        ex in zip(comps, rows)) / n if behavior_fn else float("nan"),
         "accuracy": sum(rewards.accuracy("", c, ex) for c, ex in zip(comps, rows)) / n,
         "length": sum(c.n_tokens for c in comps) / n,
         "stopped": sum(c.stopped for c in comps) / n,
@@ -262,24 +282,30 @@ def rollout_stats(model, tok, r, examples, behavior_fn):
     }
 
 
-def sweep(model, tok, behavior, vectors, examples, layers, intensities, max_new_tokens, temperature, seed, steer_prompt=True):
+def sweep(model, tok, behavior, vectors, examples, layers, intensities, max_new_tokens, temperature, seed,
+          steer_prompt=True):
     behavior_fn = rewards.REWARDS.get(behavior["name"])
     kw = dict(behavior.get("reward", {}))
     fn = (lambda p, c, ex: behavior_fn(p, c, ex, **kw)) if behavior_fn else None
-    prompts = [chat_prompt(tok, ex, behavior) for ex in examples]  # as training builds them (robustness: with the hint)
+    # as training builds them (robustness: with the hint)
+    prompts = [chat_prompt(tok, ex, behavior) for ex in examples]
     results = []
-    base = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed,
+    base = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                    stop_ids=tok.stop_ids, seed=seed,
                     vocab_size=tok.vocab_size)
     baseline = {"layer": "-", "intensity": 0.0, **rollout_stats(model, tok, base, examples, fn)}
     print_row(baseline, header=True)
     for layer in layers:
         for a in intensities:
             t0 = time.time()
-            r = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids,
+            r = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                         stop_ids=tok.stop_ids,
                          vocab_size=tok.vocab_size,
-                         seed=seed, vector=vectors[layer].scaled_direction(), layer=layer, coeffs=[a] * len(prompts),
+                         seed=seed, vector=vectors[layer].scaled_direction(), layer=layer,
+                         coeffs=[a] * len(prompts),
                          steer_prompt=steer_prompt)
-            row = {"layer": layer, "intensity": a, **rollout_stats(model, tok, r, examples, fn), "seconds": time.time() - t0}
+            row = {"layer": layer, "intensity": a, **rollout_stats(model, tok, r, examples, fn),
+                   "seconds": time.time() - t0}
             print_row(row)
             results.append(row)
     return baseline, results
@@ -290,7 +316,8 @@ def choose(baseline, results):
     unsteered model at most 2x the baseline's, repetition not much worse, at least 75% of answers ending
     on their own), the highest behaviour rate, then the lowest intensity. Accuracy is left out on purpose:
     what steering costs in accuracy is what VSPO's composite reward trades against the behaviour."""
-    ok = [r for r in results if r["ppl"] <= 2 * baseline["ppl"] and r["distinct"] >= baseline["distinct"] - 0.15
+    ok = [r for r in results if r["ppl"] <= 2 * baseline["ppl"]
+          and r["distinct"] >= baseline["distinct"] - 0.15
           and r["stopped"] >= 0.75]
     if not ok:
         return None
@@ -307,11 +334,14 @@ def print_row(row, header=False):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Extract a behaviour's steering vectors; --sweep picks a layer and intensity.")
+    parser = argparse.ArgumentParser(description="Extract a behaviour's steering vectors; --sweep picks a "
+                                                 "layer and intensity.")
     parser.add_argument("--behavior", required=True)
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--layers", default=None, help="comma-separated layers to sweep (default: every 3rd from 3 to 3/4 depth)")
+    parser.add_argument("--layers", default=None,
+                        help="comma-separated layers to sweep (default: every 3rd from 3 to 3/4 depth)")
     parser.add_argument("--intensities", default="0.25,0.5,0.75,1.0")
     parser.add_argument("--questions", type=int, default=16, help="held-out problems per setting")
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
@@ -329,19 +359,21 @@ def main():
         behavior = load_behavior(args.behavior)
         model, tok = load_model_and_tokenizer(args.model, args.device)
         L = model.config.n_layer
-        layers = parse_list(args.layers, "--layers", int) if args.layers else list(range(3, 3 * L // 4 + 1, 3))
+        layers = parse_list(args.layers, "--layers",
+                            int) if args.layers else list(range(3, 3 * L // 4 + 1, 3))
         if not all(0 <= layer < L for layer in layers):
             raise ValueError(f"--layers {args.layers}: the model has layers 0..{L - 1}")
         if args.questions < 1:
             raise ValueError("--questions must be at least 1")
         vectors, info, path = load_or_extract_all(model, tok, args.behavior, args.model)
         sv = vectors[info["chosen_layer"]]
-        print(f"{path}: {len(vectors)} layers; chosen layer {info['chosen_layer']}, intensity {info['intensity']} "
-              f"(|v| = {sv.vector.norm():.1f}, residual norm {sv.resid_norm:.1f})")
+        print(f"{path}: {len(vectors)} layers; chosen layer {info['chosen_layer']}, intensity "
+              f"{info['intensity']} (|v| = {sv.vector.norm():.1f}, residual norm {sv.resid_norm:.1f})")
         if not args.sweep:
             return
         examples = load_examples(args.data, behavior, args.seed)[:args.questions]
-        baseline, results = sweep(model, tok, behavior, vectors, examples, layers, intensities, args.max_new_tokens,
+        baseline, results = sweep(model, tok, behavior, vectors, examples, layers, intensities,
+                                  args.max_new_tokens,
                                   args.temperature, args.seed, args.steer_prompt == "yes")
     except (ValueError, OSError, DataError) as e:
         sys.exit(f"error: {e}")
@@ -350,10 +382,12 @@ def main():
         print("no setting stayed coherent; keeping the recorded default")
         return
     vectors[best["layer"]].intensity = best["intensity"]
-    info.update(chosen_layer=best["layer"], chosen_by=f"sweep: {args.questions} problems, T={args.temperature}, seed {args.seed}")
-    save_vectors(path, vectors, best["layer"], {k: v for k, v in info.items() if k not in ("layers", "intensity", "chosen_layer")})
-    print(f"chosen: layer {best['layer']}, intensity {best['intensity']} (behaviour {best['behavior']:.2f} vs "
-          f"{baseline['behavior']:.2f} unsteered); recorded in {path}")
+    info.update(chosen_layer=best["layer"],
+                chosen_by=f"sweep: {args.questions} problems, T={args.temperature}, seed {args.seed}")
+    save_vectors(path, vectors, best["layer"],
+                 {k: v for k, v in info.items() if k not in ("layers", "intensity", "chosen_layer")})
+    print(f"chosen: layer {best['layer']}, intensity {best['intensity']} (behaviour {best['behavior']:.2f} "
+          f"vs {baseline['behavior']:.2f} unsteered); recorded in {path}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import tiktoken
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # The same after a Digits(individual_digits=True) pre-tokenizer (SmolLM2): every digit is a piece of its own,
 # and since a digit ends the piece before it, whitespace followed by a digit is not left for the next word
-DIGITS_THEN_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+DIGITS_THEN_GPT2_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
+                            r"""|\s+(?![^\s\p{N}])|\s+""")
 
 
 class TokenizerError(ValueError):
@@ -31,7 +32,8 @@ class TokenizerError(ValueError):
 
 def bytes_to_unicode():
     """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"),
+                                                                                                ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -50,28 +52,35 @@ def _split_pattern(pre, source):
         raise TokenizerError(f"{source}: ByteLevel add_prefix_space=true is not supported")
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return GPT2_PATTERN
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex",
+                                                                                               True):
         return DIGITS_THEN_GPT2_PATTERN
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and steps[0].get("behavior") == "Isolated":
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex",
+                                                            True) and steps[0].get("behavior") == "Isolated":
         regex = (steps[0].get("pattern") or {}).get("Regex")
-        if not isinstance(regex, str):  # a String pattern splits on a literal, which tiktoken's regex cannot express
-            raise TokenizerError(f"{source}: a Split pre-tokenizer needs a Regex pattern; {steps[0].get('pattern')!r} is not supported")
+        # a String pattern splits on a literal, which tiktoken's regex cannot express
+        if not isinstance(regex, str):
+            raise TokenizerError(f"{source}: a Split pre-tokenizer needs a Regex pattern; "
+                                 f"{steps[0].get('pattern')!r} is not supported")
         return regex  # Llama 3, Qwen2: the regex is spelled out
-    raise TokenizerError(f"{source}: pre-tokenizer {kinds} is not supported (byte-level BPE only: GPT-2, Llama 3, SmolLM2, Qwen2)")
+    raise TokenizerError(f"{source}: pre-tokenizer {kinds} is not supported (byte-level BPE only: GPT-2, "
+                         "Llama 3, SmolLM2, Qwen2)")
 
 
 class Tokenizer:
     def __init__(self, enc, chat_format, default_system=None):
         self.enc = enc  # the tiktoken.Encoding
         self.chat_format = chat_format  # "chatml", "llama3" or "plain"
-        self.default_system = default_system  # ChatML templates that insert a system message when none is given
+        # ChatML templates that insert a system message when none is given
+        self.default_system = default_system
         self.special = dict(enc._special_tokens)  # {text: id}
 
     @classmethod
     def from_pretrained(cls, path):
         tj_path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj_path):
-            hint = " (SentencePiece tokenizer.model is not supported yet)" if os.path.isfile(os.path.join(path, "tokenizer.model")) else ""
+            sentencepiece = os.path.isfile(os.path.join(path, "tokenizer.model"))
+            hint = " (SentencePiece tokenizer.model is not supported yet)" if sentencepiece else ""
             raise TokenizerError(f"{tj_path}: missing{hint}")
         try:
             with open(tj_path, encoding="utf-8") as f:
@@ -79,17 +88,23 @@ class Tokenizer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise TokenizerError(f"{tj_path}: not valid JSON ({e})") from None
         if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
-            raise TokenizerError(f"{tj_path}: no \"model\" object; not a tokenizer.json written by the tokenizers library")
+            raise TokenizerError(f"{tj_path}: no \"model\" object; not a tokenizer.json written by the "
+                                 "tokenizers library")
         model = tj["model"]
         if model.get("type") != "BPE" or model.get("byte_fallback") or tj.get("normalizer"):
-            raise TokenizerError(f"{tj_path}: only byte-level BPE tokenizers are supported; SentencePiece-style ones "
-                                 "(Llama 2, Mistral v0.1: byte fallback or a normalizer) are out of scope for now")
+            raise TokenizerError(f"{tj_path}: only byte-level BPE tokenizers are supported; "
+                                 "SentencePiece-style ones (Llama 2, Mistral v0.1: byte fallback or a "
+                                 "normalizer) are out of scope for now")
         pattern = _split_pattern(tj.get("pre_tokenizer"), tj_path)
         vocab, merges, added = model.get("vocab"), model.get("merges", []), tj.get("added_tokens", [])
         if not isinstance(vocab, dict) or not isinstance(merges, list) or not isinstance(added, list):
-            raise TokenizerError(f"{tj_path}: model.vocab must be an object and model.merges, added_tokens lists")
-        if not all(isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int) for t in added):
-            raise TokenizerError(f"{tj_path}: every entry of added_tokens needs a string content and an integer id")
+            raise TokenizerError(f"{tj_path}: model.vocab must be an object and model.merges, added_tokens "
+                                 "lists")
+        if not all(isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"),
+                                                                                            int)
+                   for t in added):
+            raise TokenizerError(f"{tj_path}: every entry of added_tokens needs a string content and an "
+                                 "integer id")
         # every added token, even one marked special=false (Qwen's <tool_call>), is only ever inserted by id:
         # text from data never turns into one
         special = {t["content"]: t["id"] for t in added}
@@ -97,28 +112,31 @@ class Tokenizer:
         ordinary = {tok: i for tok, i in vocab.items() if tok not in special}
         clash = set(special.values()) & set(ordinary.values())
         if clash:
-            raise TokenizerError(f"{tj_path}: added token id {min(clash)} is also the id of an ordinary token")
+            raise TokenizerError(f"{tj_path}: added token id {min(clash)} is also the id of an ordinary "
+                                 "token")
         strange = next((tok for tok in ordinary if any(c not in byte_of for c in tok)), None)
         if strange is not None:
-            raise TokenizerError(f"{tj_path}: vocab entry {strange!r} is not byte-level BPE (a SentencePiece '\u2581' "
-                                 f"vocabulary?); only byte-level BPE tokenizers are supported")
+            raise TokenizerError(f"{tj_path}: vocab entry {strange!r} is not byte-level BPE (a SentencePiece "
+                                 "'\u2581' vocabulary?); only byte-level BPE tokenizers are supported")
         ranks = {bytes(byte_of[c] for c in tok): i for tok, i in ordinary.items()}
-        # tiktoken merges the pair whose result has the lowest rank, so ranks can be token ids only if ids grow
-        # in merge order (true for tokenizers trained by BPE, and for those exported from tiktoken) and if the
-        # merges build every multi-byte entry of the vocabulary, as BPE itself would
+        # tiktoken merges the pair whose result has the lowest rank, so ranks can be token ids only if ids
+        # grow in merge order (true for tokenizers trained by BPE, and for those exported from tiktoken)
+        # and if the merges build every multi-byte entry of the vocabulary, as BPE itself would
         last, built = -1, set()
         for m in merges:
             a, b = m.split(" ") if isinstance(m, str) else m
             rank = vocab.get(a + b)
             if rank is None or rank <= last:
-                raise TokenizerError(f"{tj_path}: merge {a!r} + {b!r} is out of id order; tiktoken cannot reproduce this vocabulary")
+                raise TokenizerError(f"{tj_path}: merge {a!r} + {b!r} is out of id order; tiktoken cannot "
+                                     "reproduce this vocabulary")
             last = rank
             built.add(a + b)
         unbuilt = next((tok for tok in ordinary if len(tok) > 1 and tok not in built), None)
         if unbuilt is not None:
-            raise TokenizerError(f"{tj_path}: vocab entry {unbuilt!r} is built by no merge, so its ids cannot be "
-                                 f"reproduced (incomplete merges)")
-        enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(path)), pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+            raise TokenizerError(f"{tj_path}: vocab entry {unbuilt!r} is built by no merge, so its ids "
+                                 "cannot be reproduced (incomplete merges)")
+        enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(path)), pat_str=pattern,
+                                mergeable_ranks=ranks, special_tokens=special)
         chat_format, default_system = "plain", None
         if "<|im_start|>" in special:
             chat_format = "chatml"
@@ -129,8 +147,10 @@ class Tokenizer:
                     with open(tc_path, encoding="utf-8") as f:
                         template = json.load(f).get("chat_template") or ""
                 except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-                    raise TokenizerError(f"{tc_path}: not a valid tokenizer config ({type(e).__name__})") from None
-                if not isinstance(template, str):  # a list of named templates (some checkpoints): the default one
+                    raise TokenizerError(f"{tc_path}: not a valid tokenizer config "
+                                         f"({type(e).__name__})") from None
+                # a list of named templates (some checkpoints): the default one
+                if not isinstance(template, str):
                     template = next((t.get("template", "") for t in template if isinstance(t, dict)
                                      and t.get("name") == "default"), "")
             # the system message the template inserts when the conversation has none (SmolLM2, Qwen2)
@@ -157,7 +177,8 @@ class Tokenizer:
     @property
     def stop_ids(self):
         """The ids that end an assistant turn."""
-        names = {"chatml": ["<|im_end|>", "<|endoftext|>"], "llama3": ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"],
+        names = {"chatml": ["<|im_end|>", "<|endoftext|>"],
+                 "llama3": ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"],
                  "plain": ["<|endoftext|>", "</s>"]}[self.chat_format]
         return [self.special[n] for n in names if n in self.special]
 
@@ -173,16 +194,19 @@ class Tokenizer:
             if self.default_system and (not messages or messages[0]["role"] != "system"):
                 messages = [{"role": "system", "content": self.default_system}] + list(messages)
             for i, m in enumerate(messages):
-                ids += ([] if i == 0 else self.encode("\n")) + [start] + self.encode(f"{m['role']}\n{m['content']}") + [end]
+                separator = [] if i == 0 else self.encode("\n")
+                ids += separator + [start] + self.encode(f"{m['role']}\n{m['content']}") + [end]
             if messages:
                 ids += self.encode("\n")
             if add_generation_prompt:
                 ids += [start] + self.encode("assistant\n")
         elif self.chat_format == "llama3":
-            start, end, eot = self.id_of("<|start_header_id|>"), self.id_of("<|end_header_id|>"), self.id_of("<|eot_id|>")
+            start, end = self.id_of("<|start_header_id|>"), self.id_of("<|end_header_id|>")
+            eot = self.id_of("<|eot_id|>")
             ids.append(self.id_of("<|begin_of_text|>"))
             for m in messages:
-                ids += [start] + self.encode(m["role"]) + [end] + self.encode("\n\n" + m["content"].strip()) + [eot]
+                header = [start] + self.encode(m["role"]) + [end]
+                ids += header + self.encode("\n\n" + m["content"].strip()) + [eot]
             if add_generation_prompt:
                 ids += [start] + self.encode("assistant") + [end] + self.encode("\n\n")
         else:  # plain text for base models such as GPT-2

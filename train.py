@@ -46,54 +46,73 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a model to show a behaviour without steering (VSPO).")
-    p.add_argument("--behavior", required=True, help="verbosity, expertise, confidence, robustness (data/behaviors/*.json)")
+    p.add_argument("--behavior", required=True,
+                   help="verbosity, expertise, confidence, robustness (data/behaviors/*.json)")
     p.add_argument("--algo", default="vspo", choices=["vspo", "grpo", "guided", "distill"])
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default=os.path.join(ROOT, "data", "math", "train.jsonl"), help="GSM8K-style JSONL")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default=os.path.join(ROOT, "data", "math", "train.jsonl"),
+                   help="GSM8K-style JSONL")
     p.add_argument("--eval-data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--group-size", type=int, default=6)
-    p.add_argument("--coeffs", default=None, help="steering intensities of a group, e.g. 0,0.1,0.2 (default: 0, half, the vector's intensity)")
+    p.add_argument("--coeffs", default=None,
+                   help="steering intensities of a group, e.g. 0,0.1,0.2 (default: 0, half, the vector's "
+                        "intensity)")
     p.add_argument("--schedule", default="stratified", choices=vspo.SCHEDULES)
-    p.add_argument("--layer", type=int, default=None, help="steering layer (default: the vector's chosen layer)")
-    p.add_argument("--steer-prompt", default="yes", choices=["yes", "no"], help="steer prompt positions too, or generated ones only")
+    p.add_argument("--layer", type=int, default=None,
+                   help="steering layer (default: the vector's chosen layer)")
+    p.add_argument("--steer-prompt", default="yes", choices=["yes", "no"],
+                   help="steer prompt positions too, or generated ones only")
     p.add_argument("--old-logprobs", default="unsteered", choices=["unsteered", "steered"],
-                   help="ratio against the unsteered policy (self-distillation) or with a truncated importance weight for steering")
-    p.add_argument("--lam", type=float, default=1.0, help="behaviour weight in the reward: accuracy + lam * behaviour")
+                   help="ratio against the unsteered policy (self-distillation) or with a truncated "
+                        "importance weight for steering")
+    p.add_argument("--lam", type=float, default=1.0,
+                   help="behaviour weight in the reward: accuracy + lam * behaviour")
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--beta", type=float, default=0.0, help="KL coefficient to the initial model (0: no reference copy)")
+    p.add_argument("--beta", type=float, default=0.0,
+                   help="KL coefficient to the initial model (0: no reference copy)")
     p.add_argument("--aggregation", default="fixed", choices=vspo.AGGREGATIONS,
-                   help="loss averaging; fixed (Dr. GRPO) because seq_mean's length bias drove answers into the token budget (README)")
+                   help="loss averaging; fixed (Dr. GRPO) because seq_mean's length bias drove answers into "
+                        "the token budget (README)")
     p.add_argument("--advantage", default="std", choices=["std", "none"])
-    p.add_argument("--updates-per-batch", type=int, default=1, help="optimizer steps on each batch of rollouts (GRPO's mu)")
+    p.add_argument("--updates-per-batch", type=int, default=1,
+                   help="optimizer steps on each batch of rollouts (GRPO's mu)")
     p.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="token budget per rollout (default: the behaviour's max_new_tokens, else 256)")
     p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--train-layers", type=int, default=10, help="train only the last K blocks and the final norm (0: all parameters)")
+    p.add_argument("--train-layers", type=int, default=10,
+                   help="train only the last K blocks and the final norm (0: all parameters)")
     p.add_argument("--eval-n", type=int, default=48, help="held-out problems for the before/after evaluation")
-    p.add_argument("--eval-every", type=int, default=0, help="also evaluate the unsteered model every K steps (0: before and after only)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate the unsteered model every K steps (0: before and after only)")
     p.add_argument("--checkpoint-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default: runs/<behavior>-<algo>-seed<seed>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype (weights stay fp32)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="autocast dtype (weights stay fp32)")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
     return p.parse_args(argv)
 
 
 def check_args(args):
     """Ranges argparse cannot express, checked before anything runs or is written."""
     check_finite(args)
-    for flag, low in (("steps", 0), ("prompts_per_step", 1), ("group_size", 2), ("updates_per_batch", 1), ("micro_batch", 1),
-                      ("max_new_tokens", 1), ("train_layers", 0), ("eval_n", 1), ("eval_every", 0), ("checkpoint_every", 1)):
+    for flag, low in (("steps", 0), ("prompts_per_step", 1), ("group_size", 2), ("updates_per_batch", 1),
+                      ("micro_batch", 1),
+                      ("max_new_tokens", 1), ("train_layers", 0), ("eval_n", 1), ("eval_every", 0),
+                      ("checkpoint_every", 1)):
         if getattr(args, flag) < low:
             why = " (advantages compare the rollouts of a group)" if flag == "group_size" else ""
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {low}{why}")
     if not args.temperature > 0:
-        raise ValueError("--temperature must be above 0: the loss scores completions under the tempered distribution")
+        raise ValueError("--temperature must be above 0: the loss scores completions under the tempered "
+                         "distribution")
     if not args.lr > 0 or args.beta < 0:
         raise ValueError("--lr must be above 0 and --beta at least 0")
 
@@ -108,8 +127,9 @@ def check_prompt_lengths(examples, path, prompt_of, args, model):
     for i, ex in enumerate(examples, 1):
         n = len(prompt_of(ex))
         if n + args.max_new_tokens > model.config.max_seq_len:
-            raise ValueError(f"{path}: problem {i} ({ex['question'][:30]!r}...) makes a prompt of {n} tokens, which with --max-new-tokens "
-                             f"{args.max_new_tokens} exceeds the model's {model.config.max_seq_len} positions; shorten or drop it")
+            raise ValueError(f"{path}: problem {i} ({ex['question'][:30]!r}...) makes a prompt of {n} "
+                             f"tokens, which with --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                             f"{model.config.max_seq_len} positions; shorten or drop it")
 
 
 # -----------------------------------------------------------------------------
@@ -117,7 +137,8 @@ def check_prompt_lengths(examples, path, prompt_of, args, model):
 
 
 def batch_indices(n_examples, prompts_per_step, step, seed):
-    """The examples of one step: a fresh seeded permutation each epoch, so a resumed run sees the same data."""
+    """The examples of one step: a fresh seeded permutation each epoch, so a resumed run sees the
+    same data."""
     per_epoch = n_examples // prompts_per_step
     epoch, k = divmod(step, per_epoch)
     order = list(range(n_examples))
@@ -142,7 +163,8 @@ def with_prompts(r, prompts):
 
 def score(tok, r, examples, behavior, lam):
     """Decode each rollout and score it -> (rewards, accuracies, behaviour scores), each (N,)."""
-    out = [rewards.composite("", rewards.Completion(*c), ex, behavior["name"], lam, **behavior.get("reward", {}))
+    out = [rewards.composite("", rewards.Completion(*c), ex, behavior["name"], lam,
+                             **behavior.get("reward", {}))
            for c, ex in zip(r.completions(tok), examples)]
     return torch.tensor(out).T  # (3, N)
 
@@ -159,8 +181,10 @@ def evaluate(policy, model, tok, examples, behavior, args, autocast):
         ids = mine[i:i + 32]
         chunk = [examples[k] for k in ids]
         with autocast(), d.full_weights(policy):
-            r = policy(generate, [chat_prompt(tok, ex, behavior) for ex in chunk], max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, stop_ids=tok.stop_ids, seed=args.seed + 12345, row_ids=ids,
+            r = policy(generate, [chat_prompt(tok, ex, behavior) for ex in chunk],
+                       max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, stop_ids=tok.stop_ids, seed=args.seed + 12345,
+                       row_ids=ids,
                        vocab_size=tok.vocab_size)
         _, acc, beh = score(tok, r, chunk, behavior, 1.0)
         results += zip(acc.tolist(), beh.tolist(), r.completion_lens.tolist())
@@ -185,7 +209,8 @@ def remove(path):
 
 
 def save_checkpoint(out, step, model, optimizer, d):
-    model_state, optimizer_state = distributed.state_dicts(model, optimizer, d)  # under FSDP, all ranks gather
+    # under FSDP, all ranks gather
+    model_state, optimizer_state = distributed.state_dicts(model, optimizer, d)
     if not d.master:
         return
     # temporaries are made anew, never followed: a link left in the run folder cannot redirect a write
@@ -201,7 +226,8 @@ def save_checkpoint(out, step, model, optimizer, d):
     os.replace(tmp, final)
     latest_tmp = os.path.join(out, "latest.tmp")
     remove(latest_tmp)
-    with os.fdopen(os.open(latest_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as f:
+    with os.fdopen(os.open(latest_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644),
+                   "w") as f:
         f.write(f"checkpoint-{step}")
     os.replace(latest_tmp, os.path.join(out, "latest"))
     for name in os.listdir(out):  # keep only the newest
@@ -218,7 +244,8 @@ def load_checkpoint(out, model):
     path = os.path.join(out, name)
     # `latest` names a checkpoint folder of this run, nothing else (not ../elsewhere, not an absolute path)
     if not re.fullmatch(r"checkpoint-\d+", name) or os.path.islink(path) or not os.path.isdir(path):
-        raise ValueError(f"{latest}: names {name[:60]!r}, not a checkpoint-N folder of this run; start anew with another --out")
+        raise ValueError(f"{latest}: names {name[:60]!r}, not a checkpoint-N folder of this run; start anew "
+                         "with another --out")
     from model import CheckpointError, Transformer
 
     try:
@@ -227,8 +254,8 @@ def load_checkpoint(out, model):
     except CheckpointError as e:
         raise ValueError(str(e)) from None
     except RuntimeError:  # another architecture or size than --model
-        raise ValueError(f"{path}: a checkpoint of another model than --model {model.source}; resume with the "
-                         f"run's own --model, or start anew with another --out") from None
+        raise ValueError(f"{path}: a checkpoint of another model than --model {model.source}; resume with "
+                         "the run's own --model, or start anew with another --out") from None
     try:  # a damaged file raises whatever its first bad byte triggers in the reader
         state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)  # never unpickle code
         with open(os.path.join(path, "state.json")) as f:
@@ -236,8 +263,8 @@ def load_checkpoint(out, model):
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TypeError(f"step {step!r}")
     except Exception as e:
-        raise ValueError(f"{path}: optimizer.pt or state.json is damaged ({type(e).__name__}), so the run cannot "
-                         f"resume from it; start anew with another --out") from None
+        raise ValueError(f"{path}: optimizer.pt or state.json is damaged ({type(e).__name__}), so the run "
+                         "cannot resume from it; start anew with another --out") from None
     return step, state, path
 
 
@@ -268,8 +295,9 @@ def load_optimizer(model, optimizer, state, path, d):
             raise ValueError
         distributed.load_optimizer_state(model, optimizer, state, d)
     except (RuntimeError, KeyError, TypeError, ValueError):  # other trained tensors, or of other sizes
-        raise ValueError(f"{path}/optimizer.pt: saved for other trained parameters (another --train-layers, or an "
-                         f"older version of train.py); resume with the flags of the run, or start anew with another --out") from None
+        raise ValueError(f"{path}/optimizer.pt: saved for other trained parameters (another --train-layers, "
+                         "or an older version of train.py); resume with the flags of the run, or start anew "
+                         "with another --out") from None
 
 
 def plot(log_path, png_path):
@@ -282,7 +310,8 @@ def plot(log_path, png_path):
         return False
     rows = [json.loads(l) for l in open(log_path)]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
-    for a, key, title in zip(ax, ("reward_mean", "behavior_mean", "length_mean"), ("reward", "behaviour rate (rollouts)", "length (tokens)")):
+    for a, key, title in zip(ax, ("reward_mean", "behavior_mean", "length_mean"),
+                             ("reward", "behaviour rate (rollouts)", "length (tokens)")):
         a.plot([r["step"] for r in rows], [r[key] for r in rows])
         a.set_title(title)
         a.set_xlabel("step")
@@ -321,17 +350,20 @@ def main(argv=None):
         train_examples = load_examples(args.data, behavior, args.seed)
         eval_examples = load_examples(args.eval_data, behavior, args.seed + 1)[:args.eval_n]
         if len(train_examples) < args.prompts_per_step:
-            raise ValueError(f"{args.data}: {len(train_examples)} problems, fewer than --prompts-per-step {args.prompts_per_step}")
+            raise ValueError(f"{args.data}: {len(train_examples)} problems, fewer than --prompts-per-step "
+                             f"{args.prompts_per_step}")
         if os.path.exists(out) and not os.path.isdir(out):
             raise ValueError(f"--out {out} is a file; pass a folder for the run")
         if args.resume and not os.path.isfile(os.path.join(out, "latest")):
             raise ValueError(f"--resume: no checkpoint in {out}")
         if not args.resume and os.path.isfile(os.path.join(out, "latest")):
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or --out for a new one")
-        for name in ("latest", "log.jsonl", "args.json", "eval_before.json", "eval_after.json", "final", "curves.png"):
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or --out for a new "
+                             "one")
+        for name in ("latest", "log.jsonl", "args.json", "eval_before.json", "eval_after.json", "final",
+                     "curves.png"):
             if os.path.islink(os.path.join(out, name)):  # writing it would write wherever it points
-                raise ValueError(f"{os.path.join(out, name)} is a link; a run folder holds its own files only: "
-                                 f"remove it or pass another --out")
+                raise ValueError(f"{os.path.join(out, name)} is a link; a run folder holds its own files "
+                                 "only: remove it or pass another --out")
         # under torchrun: one process per device, all of them running this same loop on their share
         d, args.device = distributed.setup(args.device, args.fsdp, args.prompts_per_step)
         args.dist = d
@@ -342,11 +374,14 @@ def main(argv=None):
             distributed.barrier()
         # guided sampling and distill's teacher add the behaviour's instruction to the prompt
         instruction = behavior["positive"] if args.algo in ("guided", "distill") else None
-        check_prompt_lengths(train_examples, args.data, lambda ex: chat_prompt(tok, ex, behavior, instruction), args, model)
-        check_prompt_lengths(eval_examples, args.eval_data, lambda ex: chat_prompt(tok, ex, behavior), args, model)
+        check_prompt_lengths(train_examples, args.data,
+                             lambda ex: chat_prompt(tok, ex, behavior, instruction), args, model)
+        check_prompt_lengths(eval_examples, args.eval_data, lambda ex: chat_prompt(tok, ex, behavior), args,
+                             model)
         vector = layer = None
         if args.algo == "vspo":  # extracted (or read) once, by rank 0, and sent to the others
-            sv = distributed.broadcast(load_or_extract(model, tok, args.behavior, args.model, layer=args.layer)
+            sv = distributed.broadcast(load_or_extract(model, tok, args.behavior, args.model,
+                                                       layer=args.layer)
                                        if d.master else None)
             vector, layer = sv.scaled_direction().to(args.device), sv.layer
             coeffs = given_coeffs or [0.0, sv.intensity / 2, sv.intensity]
@@ -356,7 +391,8 @@ def main(argv=None):
         os.makedirs(out, exist_ok=True)
     torch.manual_seed(args.seed)
     use_bf16 = args.dtype == "bfloat16"
-    autocast = lambda: torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = lambda: torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16,
+                                      enabled=use_bf16)
 
     # which parameters learn: all, or the last K blocks (+ final norm) to save compute on a CPU
     if args.train_layers:
@@ -365,7 +401,8 @@ def main(argv=None):
         for block in model.layers[-args.train_layers:]:
             block.requires_grad_(True)
         model.norm.requires_grad_(True)
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None  # the frozen initial policy
+    # the frozen initial policy
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
     # distill's teacher: the initial model, frozen, sampled as the policy is (a full copy, also under FSDP)
     teacher = Policy(copy.deepcopy(model).requires_grad_(False)) if args.algo == "distill" else None
     start = 0
@@ -375,7 +412,8 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     policy = distributed.wrap(Policy(model), d)  # DDP, FSDP2, or the policy itself
-    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 replaces them by shards
+    # after wrapping: FSDP2 replaces them by shards
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     try:
         if args.resume:
@@ -397,18 +435,19 @@ def main(argv=None):
                 before = json.load(f)
             lines = read_log(log_path, start)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            sys.exit(f"error: {out}: eval_before.json or log.jsonl is missing or damaged, so the run cannot resume; "
-                     f"start anew with another --out")
+            sys.exit(f"error: {out}: eval_before.json or log.jsonl is missing or damaged, so the run cannot "
+                     "resume; start anew with another --out")
         except ValueError as e:
             sys.exit(f"error: {e}")
         with open(log_path, "w") as f:
             f.writelines(lines)
     if d.master:
-        print(f"before training (unsteered, {len(eval_examples)} held-out problems): accuracy {before['accuracy']:.2f}, "
-              f"behaviour {before['behavior']:.2f}, length {before['length']:.0f}")
+        print(f"before training (unsteered, {len(eval_examples)} held-out problems): accuracy "
+              f"{before['accuracy']:.2f}, behaviour {before['behavior']:.2f}, length {before['length']:.0f}")
 
     G, P, W = args.group_size, args.prompts_per_step, d.world
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.algo} {args.behavior}", disable=not d.master)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.algo} {args.behavior}",
+               disable=not d.master)
     for step in bar:
         t0 = time.time()
         model.eval()
@@ -416,20 +455,25 @@ def main(argv=None):
         batch = [train_examples[i] for i in batch_indices(len(train_examples), P, step, args.seed)]
         if args.algo == "vspo":
             g = torch.Generator().manual_seed(args.seed * 7919 + step)
-            all_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, coeffs, G, step, args.steps, g) for _ in batch])
+            all_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, coeffs, G, step, args.steps,
+                                                            g) for _ in batch])
         else:
             all_coeffs = torch.zeros(P * G)
         mine = range(d.rank * P // W, (d.rank + 1) * P // W)
         batch = [batch[i] for i in mine]
-        rows = range(mine.start * G, mine.stop * G)  # global row ids: what each row's random numbers depend on
+        # global row ids: what each row's random numbers depend on
+        rows = range(mine.start * G, mine.stop * G)
         row_coeffs = all_coeffs[mine.start * G:mine.stop * G]
         plain = [chat_prompt(tok, ex, behavior) for ex in batch]
-        sample_prompts = [chat_prompt(tok, ex, behavior, instruction) for ex in batch] if instruction else plain
+        sample_prompts = [chat_prompt(tok, ex, behavior,
+                                      instruction) for ex in batch] if instruction else plain
         # 2. rollouts, each row at its own intensity
         with autocast(), distributed.full_weights(policy):
             r = (teacher or policy)(generate, sample_prompts, n=G, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, stop_ids=tok.stop_ids, seed=args.seed * 1_000_003 + step,
-                                    vector=vector, layer=layer, coeffs=row_coeffs, steer_prompt=args.steer_prompt == "yes",
+                                    temperature=args.temperature, stop_ids=tok.stop_ids,
+                                    seed=args.seed * 1_000_003 + step,
+                                    vector=vector, layer=layer, coeffs=row_coeffs,
+                                    steer_prompt=args.steer_prompt == "yes",
                                     row_ids=rows, vocab_size=tok.vocab_size)
         if instruction:  # trained on the plain prompt
             r = with_prompts(r, [p for p in plain for _ in range(G)])
@@ -439,7 +483,8 @@ def main(argv=None):
         reward, acc, beh = score(tok, r, row_examples, behavior, args.lam)
         # 4. group-relative advantages over all G rollouts of a prompt, whatever their intensity
         advantages, zero_spread = vspo.group_advantages(reward, G, scale=args.advantage)
-        _, behavior_zero_spread = vspo.group_advantages(beh, G)  # groups with no behaviour signal: VSPO's target
+        # groups with no behaviour signal: VSPO's target
+        _, behavior_zero_spread = vspo.group_advantages(beh, G)
         advantages = advantages.to(args.device)
         keep = (beh >= 0.5).to(args.device)  # distill: the traces that earn the behaviour
         # 5. the update, on the unsteered policy. The normaliser is the whole batch's (summed over ranks);
@@ -466,11 +511,15 @@ def main(argv=None):
             for mb in micro:
                 with autocast(), distributed.gradient_sync(policy, last=mb is micro[-1]):
                     logp, ent = policy(completion_logprobs, r, mb, args.temperature)
-                    if args.algo == "distill":  # maximum likelihood on the teacher's traces that earn the behaviour
-                        loss, s = vspo.sft_loss(logp, keep[mb], mask[mb], normalizer, args.aggregation), {"clip_frac": 0, "kl": 0}
+                    # maximum likelihood on the teacher's traces that earn the behaviour
+                    if args.algo == "distill":
+                        loss, s = vspo.sft_loss(logp, keep[mb], mask[mb], normalizer,
+                                                args.aggregation), {"clip_frac": 0, "kl": 0}
                     else:
-                        loss, s = vspo.policy_loss(logp, old.get(mb[0], logp.detach()), advantages[mb], mask[mb], normalizer,
-                                                   args.aggregation, ref_logprobs=ref.get(mb[0]), beta=args.beta,
+                        loss, s = vspo.policy_loss(logp, old.get(mb[0], logp.detach()), advantages[mb],
+                                                   mask[mb], normalizer,
+                                                   args.aggregation, ref_logprobs=ref.get(mb[0]),
+                                                   beta=args.beta,
                                                    is_weights=weights.get(mb[0]))
                     (loss * W).backward()
                 share = len(mb) / (P * G) / args.updates_per_batch
@@ -479,23 +528,28 @@ def main(argv=None):
                 stats["kl"] += s["kl"] * share
                 stats["entropy"] += (ent * mask[mb]).sum().item() / max(1, mask[mb].sum().item()) * share
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+            # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             optimizer.step()
         t_update = time.time() - t1
 
         # the log row, from every rank's rows in global order: the row one process would write
         local = (reward, acc, beh, r.completion_lens.float(), row_coeffs, r.finish_reasons, zero_spread,
-                 t_sample, t_update, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, behavior_zero_spread)
+                 t_sample, t_update, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                 behavior_zero_spread)
         parts = distributed.gather([x.cpu() if torch.is_tensor(x) else x for x in local])
         reward, acc, beh, lengths, all_coeffs = (torch.cat([p[i] for p in parts]) for i in range(5))
         finish_reasons = [why for p in parts for why in p[5]]
         stats = {k: distributed.all_sum(v, d) for k, v in stats.items()}
         by_coeff = {f"{c:g}": beh[all_coeffs == c].mean().item() for c in sorted(set(all_coeffs.tolist()))}
         row = {"step": step, "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
-               "accuracy_mean": acc.mean().item(), "behavior_mean": beh.mean().item(), "behavior_by_coeff": by_coeff,
+               "accuracy_mean": acc.mean().item(), "behavior_mean": beh.mean().item(),
+               "behavior_by_coeff": by_coeff,
                "zero_spread_frac": sum(p[6] for p in parts) / P,
-               "behavior_zero_spread_frac": sum(p[10] for p in parts) / P, "length_mean": lengths.mean().item(),
-               "length_max": lengths.max().item(), "truncated_frac": finish_reasons.count("length") / len(finish_reasons),
+               "behavior_zero_spread_frac": sum(p[10] for p in parts) / P,
+               "length_mean": lengths.mean().item(),
+               "length_max": lengths.max().item(),
+               "truncated_frac": finish_reasons.count("length") / len(finish_reasons),
                **stats, "grad_norm": grad_norm.item(), "seconds_sample": max(p[7] for p in parts),
                "seconds_update": max(p[8] for p in parts), "peak_rss_gb": max(p[9] for p in parts)}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
@@ -503,7 +557,8 @@ def main(argv=None):
         if d.master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", behavior=f"{row['behavior_mean']:.2f}", length=f"{row['length_mean']:.0f}")
+        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", behavior=f"{row['behavior_mean']:.2f}",
+                        length=f"{row['length_mean']:.0f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
             save_checkpoint(out, step + 1, model, optimizer, d)
 
@@ -513,12 +568,14 @@ def main(argv=None):
         with open(os.path.join(out, "eval_after.json"), "w") as f:
             json.dump(after, f)
         model.save_pretrained(os.path.join(out, "final"), model_state)
-        print(f"\n| unsteered, {len(eval_examples)} held-out problems | accuracy | behaviour rate | mean length |")
+        print(f"\n| unsteered, {len(eval_examples)} held-out problems | accuracy | behaviour rate | mean "
+              "length |")
         print("|---|---|---|---|")
         for name, m in (("before", before), ("after", after)):
             print(f"| {name} | {m['accuracy']:.2f} | {m['behavior']:.2f} | {m['length']:.0f} |")
         plotted = plot(log_path, os.path.join(out, "curves.png"))
-        print(f"\nsaved {out}/final (model), log.jsonl" + (", curves.png" if plotted else " (pip install matplotlib for curves.png)"))
+        print(f"\nsaved {out}/final (model), log.jsonl"
+              + (", curves.png" if plotted else " (pip install matplotlib for curves.png)"))
     distributed.teardown()
 
 

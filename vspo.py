@@ -103,7 +103,8 @@ def truncated_is_weights(old_logprobs, sampler_logprobs, mask, cap=2.0):
     return torch.where(mask, w, torch.zeros_like(w)).detach()
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, normalizer, aggregation="seq_mean", clip_low=0.2, clip_high=0.2,
+def policy_loss(logprobs, old_logprobs, advantages, mask, normalizer, aggregation="seq_mean", clip_low=0.2,
+                clip_high=0.2,
                 ref_logprobs=None, beta=0.0, is_weights=None):
     """The clipped surrogate (Schulman et al. 2017) on token log-probs, plus beta * KL to a reference.
 

@@ -2,7 +2,7 @@
 What running under torchrun costs or saves on this machine, measured against one process in the same run.
 
     python -m benchmarks.distributed                       # the step table: ~10 min on 2 CPU cores
-    torchrun --standalone --nproc_per_node 2 -m benchmarks.distributed --sampling   # FSDP: how to gather for sampling
+    torchrun --standalone --nproc_per_node 2 -m benchmarks.distributed --sampling  # FSDP's sampling
 
 The step table runs `train.py --behavior verbosity` for a few steps three ways, on the same global
 batch: one process with 2 threads, 2 processes with 1 thread each (DDP), and the same with --fsdp.
@@ -31,7 +31,8 @@ def step_table(args):
             ("2 processes x 1 thread (DDP)", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                              "--nproc_per_node", "2", "train.py"], {"OMP_NUM_THREADS": "1"}),
             ("2 processes x 1 thread (FSDP)", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                              "--nproc_per_node", "2", "train.py", "--fsdp"], {"OMP_NUM_THREADS": "1"})]
+                                              "--nproc_per_node", "2", "train.py", "--fsdp"],
+             {"OMP_NUM_THREADS": "1"})]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, cmd, env in ways:
@@ -39,7 +40,8 @@ def step_table(args):
             flags = ["--behavior", "verbosity", "--steps", str(args.steps), "--eval-n", "2", "--out", out,
                      *args.train_args.split()]
             t0 = time.time()
-            done = subprocess.run(cmd + flags, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+            done = subprocess.run(cmd + flags, cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                                  text=True)
             if done.returncode:
                 sys.exit(f"error: {name} failed:\n{done.stderr[-3000:]}")
             log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -47,16 +49,17 @@ def step_table(args):
     ref = rows[0][1]
     sec = lambda log, key: sum(r[key] for r in log) / len(log)
     print(f"\n{args.steps} steps of train.py --behavior verbosity {args.train_args}".rstrip())
-    print("| run | seconds sampling / step | seconds update / step | vs one process | peak RSS of a rank (GB) "
-          "| rewards per step | same rewards as one process |")
+    print("| run | seconds sampling / step | seconds update / step | vs one process | peak RSS of a rank "
+          "(GB) | rewards per step | same rewards as one process |")
     print("|---|---|---|---|---|---|---|")
     for name, log, _ in rows:
         total = sec(log, "seconds_sample") + sec(log, "seconds_update")
         ratio = total / (sec(ref, "seconds_sample") + sec(ref, "seconds_update"))
         same = all(abs(a["reward_mean"] - b["reward_mean"]) < 1e-6 for a, b in zip(log, ref))
         rewards = ", ".join(f"{r['reward_mean']:.3f}" for r in log)
-        print(f"| {name} | {sec(log, 'seconds_sample'):.1f} | {sec(log, 'seconds_update'):.1f} | {ratio:.2f}x | "
-              f"{max(r['peak_rss_gb'] for r in log):.2f} | {rewards} | {'yes' if same else 'no'} |")
+        print(f"| {name} | {sec(log, 'seconds_sample'):.1f} | {sec(log, 'seconds_update'):.1f} | "
+              f"{ratio:.2f}x | {max(r['peak_rss_gb'] for r in log):.2f} | {rewards} | "
+              f"{'yes' if same else 'no'} |")
 
 
 def sampling(args):
@@ -74,7 +77,8 @@ def sampling(args):
     model, tok = load_model_and_tokenizer(None, device)
     policy = distributed.wrap(Policy(model), d)
     prompt = tok.chat(user_prompt("Tom has 4 apples and gets 3 more. How many apples does he have? Explain."))
-    run = lambda: policy(generate, [prompt], n=args.rows, max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
+    run = lambda: policy(generate, [prompt], n=args.rows, max_new_tokens=args.new_tokens, temperature=1.0,
+                         seed=0)
     times = {"gathered once (full_weights)": [], "gathered per block per token": []}
     for _ in range(args.repeats):  # alternate the two, so drift on a shared host hits both alike
         for name in times:
@@ -84,13 +88,14 @@ def sampling(args):
             times[name].append(time.time() - t0)
     tokens = int(r.completion_lens.sum())
     if d.master:
-        print(f"\nFSDP2 over {d.world} processes, SmolLM2-135M fp32, {args.rows} rows x {args.new_tokens} new tokens "
-              f"({tokens} tokens in the last call); best of {args.repeats}")
+        print(f"\nFSDP2 over {d.world} processes, SmolLM2-135M fp32, {args.rows} rows x {args.new_tokens} "
+              f"new tokens ({tokens} tokens in the last call); best of {args.repeats}")
         print("| sampling with | seconds | tokens/s | vs gathered once |")
         print("|---|---|---|---|")
         best = {k: min(v) for k, v in times.items()}
         for name, s in best.items():
-            print(f"| {name} | {s:.2f} | {tokens / s:.0f} | {s / best['gathered once (full_weights)']:.2f}x |")
+            print(f"| {name} | {s:.2f} | {tokens / s:.0f} | {s / best['gathered once (full_weights)']:.2f}x "
+                  "|")
     distributed.teardown()
 
 

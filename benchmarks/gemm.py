@@ -45,13 +45,15 @@ def main():
     a = torch.randn(2048, 2048)
     print(f"square 2048 matmul: {2 * 2048 ** 3 / best_seconds(lambda: a @ a) / 1e9:.0f} GFLOP/s\n")
     layer_flops = 2 * N_LAYER * sum(o * i for o, i in FUSED)
-    weights = {shapes: [[torch.randn(o, i) * 0.02 for o, i in shapes] for _ in range(N_LAYER)] for shapes in (FUSED, SEPARATE)}
+    weights = {shapes: [[torch.randn(o, i) * 0.02 for o,
+                         i in shapes] for _ in range(N_LAYER)] for shapes in (FUSED, SEPARATE)}
     packed_weights = {shapes: [[torch.ops.mkldnn._reorder_linear_weight(w) for w in ws] for ws in layers]
                       for shapes, layers in weights.items()}
     vocab = torch.randn(VOCAB, C) * 0.02
     vocab_packed = torch.ops.mkldnn._reorder_linear_weight(vocab)
 
-    print("| rows | layers plain ms (GFLOP/s) | layers prepacked | prepacked, q,k,v and gate,up separate | vocab plain | vocab prepacked |")
+    print("| rows | layers plain ms (GFLOP/s) | layers prepacked | prepacked, q,k,v and gate,up separate | "
+          "vocab plain | vocab prepacked |")
     print("|---|---|---|---|---|---|")
     for M in (1, 8, 32, 800):  # 800: a prefill
         xs = {C: torch.randn(M, C), HIDDEN: torch.randn(M, HIDDEN)}

@@ -37,7 +37,8 @@ def machine_limits(dtypes):
     x = torch.empty(128 * 2 ** 20, dtype=torch.float32)  # 512 MiB
     y = torch.empty_like(x)
     y.copy_(x)
-    out["bandwidth"] = max(2 * x.numel() * 4 / timed(lambda: y.copy_(x))[1] for _ in range(3)) / 1e9  # read + write
+    # read + write
+    out["bandwidth"] = max(2 * x.numel() * 4 / timed(lambda: y.copy_(x))[1] for _ in range(3)) / 1e9
     return out
 
 
@@ -53,8 +54,10 @@ def per_token_cost(config, batch, seq_len, bytes_per_param):
     kv = config.n_kv_head * config.head_dim
     per_layer = C * config.n_head * config.head_dim * 2 + C * kv * 2 + 3 * C * config.intermediate_size
     matmul_params = L * per_layer + V * C  # the vocabulary projection included
-    flops = 2 * matmul_params + 4 * L * seq_len * config.n_head * config.head_dim  # weights + attention scores/values
-    weight_bytes = matmul_params * bytes_per_param / batch  # weights are read once per step, shared by the batch
+    # weights + attention scores/values
+    flops = 2 * matmul_params + 4 * L * seq_len * config.n_head * config.head_dim
+    # weights are read once per step, shared by the batch
+    weight_bytes = matmul_params * bytes_per_param / batch
     cache_bytes = 2 * L * seq_len * kv * bytes_per_param  # each row reads its own keys and values
     return flops, weight_bytes + cache_bytes
 
@@ -62,7 +65,8 @@ def per_token_cost(config, batch, seq_len, bytes_per_param):
 def profile_ours(B, G):
     """The operators of one generate call of G tokens at batch B, by total time."""
     model, tok = load_model_and_tokenizer(None, "cpu", torch.float32)
-    prompt = tok.chat([{"role": "user", "content": "Tell me a long story about a dragon who learns to count."}])
+    prompt = tok.chat([{"role": "user",
+                        "content": "Tell me a long story about a dragon who learns to count."}])
     generate(model, [prompt], n=2, max_new_tokens=4)
     with torch.profiler.profile() as prof:
         _, seconds = timed(lambda: generate(model, [prompt], n=B, max_new_tokens=G, temperature=1.0, seed=0))
@@ -75,8 +79,10 @@ def main():
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each side per setting; the best is reported")
-    parser.add_argument("--profile", type=int, metavar="BATCH", help="only profile our sampler at this batch size (fp32)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each side per setting; the best is reported")
+    parser.add_argument("--profile", type=int, metavar="BATCH",
+                        help="only profile our sampler at this batch size (fp32)")
     args = parser.parse_args()
     if args.profile:
         return profile_ours(args.profile, args.new_tokens)
@@ -85,13 +91,16 @@ def main():
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     limits = machine_limits(dtypes)
     rates = ", ".join(f"{str(d).removeprefix('torch.')} {limits[d]:.0f} GFLOP/s" for d in dtypes)
-    print(f"machine: {torch.get_num_threads()} threads, matmul {rates}, copy bandwidth {limits['bandwidth']:.1f} GB/s\n")
-    print("| dtype | batch | ours tok/s | transformers tok/s | ratio | ours, new weights | GFLOP/token | MB/token | ours GFLOP/s | ours GB/s |")
+    print(f"machine: {torch.get_num_threads()} threads, matmul {rates}, copy bandwidth "
+          f"{limits['bandwidth']:.1f} GB/s\n")
+    print("| dtype | batch | ours tok/s | transformers tok/s | ratio | ours, new weights | GFLOP/token | "
+          "MB/token | ours GFLOP/s | ours GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for dtype in dtypes:
         model, tok = load_model_and_tokenizer(None, "cpu", dtype)
         ref = transformers.AutoModelForCausalLM.from_pretrained(model.source, dtype=dtype).eval()
-        prompt = tok.chat([{"role": "user", "content": "Tell me a long story about a dragon who learns to count."}])
+        prompt = tok.chat([{"role": "user",
+                            "content": "Tell me a long story about a dragon who learns to count."}])
         G = args.new_tokens
 
         def ours(B):
@@ -102,7 +111,8 @@ def main():
         def theirs(B):
             torch.manual_seed(0)
             ids = torch.tensor([prompt] * B)
-            out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=None,
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                               top_k=None,
                                top_p=None, max_new_tokens=G, min_new_tokens=G, pad_token_id=0)
             return (out.shape[1] - len(prompt)) * B
 
@@ -116,12 +126,14 @@ def main():
                     best[side] = max(best[side], n_tokens / seconds)
             with torch.no_grad():
                 for p in model.parameters():
-                    p.mul_(1.0)  # an in-place write: the same values, a new version, so every weight is packed again
+                    # an in-place write: the same values, a new version, so every weight is packed again
+                    p.mul_(1.0)
             n_tokens, seconds = timed(lambda: ours(B))
             flops, nbytes = per_token_cost(model.config, B, len(prompt) + G // 2, dtype.itemsize)
             print(f"| {str(dtype).removeprefix('torch.')} | {B} | {best[ours]:.1f} | {best[theirs]:.1f} | "
-                  f"{best[ours] / best[theirs]:.2f}x | {n_tokens / seconds:.1f} | {flops / 1e9:.3f} | {nbytes / 1e6:.1f} | "
-                  f"{best[ours] * flops / 1e9:.0f} | {best[ours] * nbytes / 1e9:.1f} |", flush=True)
+                  f"{best[ours] / best[theirs]:.2f}x | {n_tokens / seconds:.1f} | {flops / 1e9:.3f} | "
+                  f"{nbytes / 1e6:.1f} | {best[ours] * flops / 1e9:.0f} | {best[ours] * nbytes / 1e9:.1f} "
+                  "|", flush=True)
 
 
 if __name__ == "__main__":

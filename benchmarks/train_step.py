@@ -34,7 +34,8 @@ def run_ours(args):
     model, _ = load_model_and_tokenizer(None)
     tokens, mask = batch(args.rows, args.prompt, args.completion, model.config.vocab_size)
     r = Rollouts(tokens=tokens, prompt_lens=torch.full((args.rows,), args.prompt), completion_mask=mask,
-                 logprobs=torch.zeros(tokens.shape), finish_reasons=["stop"] * args.rows, coeffs=torch.zeros(args.rows),
+                 logprobs=torch.zeros(tokens.shape), finish_reasons=["stop"] * args.rows,
+                 coeffs=torch.zeros(args.rows),
                  prompt_index=torch.arange(args.rows), prompt_width=args.prompt)
     m = mask[:, args.prompt:]
     adv = torch.randn(args.rows)
@@ -71,24 +72,30 @@ def main():
     parser.add_argument("--rows", type=int, default=24)
     parser.add_argument("--prompt", type=int, default=60)
     parser.add_argument("--completion", type=int, default=160)
-    parser.add_argument("--micro-batch", type=int, default=24, help="rows per forward/backward (24: the whole batch at once)")
+    parser.add_argument("--micro-batch", type=int, default=24,
+                        help="rows per forward/backward (24: the whole batch at once)")
     parser.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:  # the child process: run one side, report its time and peak RSS
         seconds = run_ours(args) if args.side == "ours" else run_transformers(args)
-        print(json.dumps({"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+        print(json.dumps({"seconds": seconds,
+                          "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
         return
     tokens = args.rows * (args.prompt + args.completion)
-    print(f"one update, {args.rows} rows x {args.prompt + args.completion} tokens, micro-batch {args.micro_batch}, fp32\n")
+    print(f"one update, {args.rows} rows x {args.prompt + args.completion} tokens, micro-batch "
+          f"{args.micro_batch}, fp32\n")
     print("| | seconds | tokens/s | peak RSS (GB) |\n|---|---|---|---|")
     results = {}
     for side in ("ours", "transformers"):
         cmd = [sys.executable, "-m", "benchmarks.train_step", "--side", side] + sys.argv[1:]
-        results[side] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        results[side] = json.loads(subprocess.run(cmd, capture_output=True, text=True,
+                                                  check=True).stdout.strip().splitlines()[-1])
         r = results[side]
-        print(f"| {side} | {r['seconds']:.1f} | {tokens / r['seconds']:.0f} | {r['peak_rss_gb']:.2f} |", flush=True)
+        print(f"| {side} | {r['seconds']:.1f} | {tokens / r['seconds']:.0f} | {r['peak_rss_gb']:.2f} |",
+              flush=True)
     o, t = results["ours"], results["transformers"]
-    print(f"\nours / transformers: {t['seconds'] / o['seconds']:.2f}x the speed, {o['peak_rss_gb'] / t['peak_rss_gb']:.2f}x the peak memory")
+    print(f"\nours / transformers: {t['seconds'] / o['seconds']:.2f}x the speed, "
+          f"{o['peak_rss_gb'] / t['peak_rss_gb']:.2f}x the peak memory")
 
 
 if __name__ == "__main__":

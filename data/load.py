@@ -28,13 +28,15 @@ def load_behavior(name):
     path = os.path.join(BEHAVIOR_DIR, f"{name}.json")
     if not os.path.isfile(path):
         known = sorted(f[:-5] for f in os.listdir(BEHAVIOR_DIR) if f.endswith(".json"))
-        raise ValueError(f"unknown behaviour {name!r}; known: {', '.join(known)} (add data/behaviors/{name}.json to define it)")
+        raise ValueError(f"unknown behaviour {name!r}; known: {', '.join(known)} (add "
+                         f"data/behaviors/{name}.json to define it)")
     with open(path, encoding="utf-8") as f:
         try:
             behavior = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-    fields = {"name": str, "positive": str, "negative": str, "questions": list, "layer": int, "intensity": (int, float)}
+    fields = {"name": str, "positive": str, "negative": str, "questions": list, "layer": int,
+              "intensity": (int, float)}
     got = behavior if isinstance(behavior, dict) else {}
     wrong = [k for k, kind in fields.items() if not isinstance(got.get(k), kind)]
     if "intensity" not in wrong and not math.isfinite(got["intensity"]):  # Python's JSON reader accepts NaN
@@ -43,8 +45,8 @@ def load_behavior(name):
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         wrong.append("max_new_tokens (a positive integer when given)")
     if wrong or not got["questions"]:
-        raise ValueError(f"{path}: needs {', '.join(fields)} (see data/behaviors/verbosity.json); missing or mistyped: "
-                         f"{', '.join(wrong) or 'questions (empty)'}")
+        raise ValueError(f"{path}: needs {', '.join(fields)} (see data/behaviors/verbosity.json); missing or "
+                         f"mistyped: {', '.join(wrong) or 'questions (empty)'}")
     return behavior
 
 
@@ -53,18 +55,20 @@ def load_model_and_tokenizer(path=None, device="cpu", dtype=torch.float32):
     try:  # a device this torch build or machine lacks fails here, before anything is prepared or loaded
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"--device {device!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu") from None
+        raise ValueError(f"--device {device!r} is not usable here ({str(e).splitlines()[0]}); try --device "
+                         "cpu") from None
     if path is None:
         path = prepare(DEFAULT_MODEL)
     try:
-        model, tok = Transformer.from_pretrained(path, device=device, dtype=dtype), Tokenizer.from_pretrained(path)
+        model, tok = Transformer.from_pretrained(path, device=device,
+                                                 dtype=dtype), Tokenizer.from_pretrained(path)
     except (CheckpointError, TokenizerError) as e:
         raise ValueError(str(e)) from None
     # More embedding rows than token ids is normal (Qwen2.5 pads 151,665 ids to 151,936 rows): the sampler
     # is then told to draw only real ids. Fewer rows would leave ids without an embedding.
     if model.config.vocab_size < tok.vocab_size:
-        raise ValueError(f"{path}: the model has {model.config.vocab_size} embedding rows but the tokenizer has "
-                         f"{tok.vocab_size} ids; the tokenizer files belong to another model")
+        raise ValueError(f"{path}: the model has {model.config.vocab_size} embedding rows but the tokenizer "
+                         f"has {tok.vocab_size} ids; the tokenizer files belong to another model")
     return model, tok
 
 

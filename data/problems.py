@@ -53,9 +53,10 @@ def _two_steps(rng, hi):
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(2, hi - 1), rng.randint(2, hi - 1)
     c = rng.randint(1, a + b - 1)
-    q = (f"{name} has {a} {item}. {name} buys {b} more {item} and then gives {c} {item} to a friend. "
-         f"How many {item} does {name} have now?")
-    steps = f"After buying, {name} has {a} + {b} = {a + b} {item}. After giving {c} away, {name} has {a + b} - {c} = {a + b - c} {item}."
+    q = (f"{name} has {a} {item}. {name} buys {b} more {item} and then gives {c} {item} to a friend. How "
+         f"many {item} does {name} have now?")
+    steps = (f"After buying, {name} has {a} + {b} = {a + b} {item}. After giving {c} away, {name} has "
+             f"{a + b} - {c} = {a + b - c} {item}.")
     return q, steps, a + b - c
 
 
@@ -110,10 +111,13 @@ def read_jsonl(path):
             try:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one JSON "
+                                "object") from None
             except RecursionError:
-                raise DataError(f"{path}:{i}: nested too deeply to read; each line must be a flat JSON object") from None
-            if not isinstance(ex, dict) or not isinstance(ex.get("question"), str) or not isinstance(ex.get("answer"), str):
+                raise DataError(f"{path}:{i}: nested too deeply to read; each line must be a flat JSON "
+                                "object") from None
+            if not isinstance(ex, dict) or not isinstance(ex.get("question"),
+                                                          str) or not isinstance(ex.get("answer"), str):
                 raise DataError(f'{path}:{i}: each line needs string fields "question" and "answer"')
             if "####" not in ex["answer"]:
                 raise DataError(f'{path}:{i}: the answer must end with "#### <final answer>" (GSM8K format)')

