@@ -91,8 +91,8 @@ def _mean_activations(model, seqs, layers, batch_size):
         for l in layers:
             h = reads[l].float()  # (B, T, C)
             means[l].append((h * read).sum(1) / read.sum(1))
-            norms[l].append((h.norm(dim=-1,
-                                    keepdim=True) * read).sum(1).squeeze(-1) / read.sum(1).squeeze(-1))
+            norm = h.norm(dim=-1, keepdim=True)  # (B, T, 1)
+            norms[l].append((norm * read).sum(1).squeeze(-1) / read.sum(1).squeeze(-1))
     return {l: torch.cat(means[l]) for l in layers}, {l: torch.cat(norms[l]) for l in layers}
 
 

@@ -121,3 +121,25 @@ def test_verbosity_threshold_script_tiny(smollm2, tmp_path, monkeypatch, capsys)
     verbosity_threshold.main()
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| 0")]
     assert len(rows) == 4  # intensities 0 and 0.15, budgets 8 and 12
+
+
+def test_response_vector_script_tiny(smollm2, capsys):
+    """The confidence vector from contrasting responses: extracted and swept end to end (tiny sizes)."""
+    from experiments import response_vector
+
+    response_vector.main(["--model", smollm2, "--questions", "2", "--layers", "6", "--intensities", "0.2",
+                          "--max-new-tokens", "8", "--answer-tokens", "12"])
+    out = capsys.readouterr().out
+    assert "layer 6: |v| =" in out and "pairs agreeing" in out
+    assert len([l for l in out.splitlines() if l.startswith("| 6 | 0.20 |")]) == 1
+
+
+def test_response_pairs_differ_only_by_the_marker(tiny_chat_model):
+    from data.load import load_behavior, load_model_and_tokenizer
+    from experiments.response_vector import MARKERS, response_pairs
+
+    model, tok = load_model_and_tokenizer(tiny_chat_model)
+    behavior = dict(load_behavior("confidence"), questions=["What is 2 + 3?", "What is 9 - 4?"])
+    pairs = response_pairs(model, tok, behavior, MARKERS["confidence"], max_new_tokens=6)
+    for pos, neg in pairs:
+        assert pos[:-1] == neg[:-1] and pos[-1]["content"] == neg[-1]["content"] + "\n\nConfidence: 80%"
