@@ -115,9 +115,9 @@ def train(correct, behavior, logits0, score, intensities, seeds, iters, groups=4
     return hit, torch.stack(curve)
 
 
-def experiment(rhos, seeds, iters, top_intensity, lam, lr, seed):
+def experiment(rhos, seeds, iters, top_intensity, lam, lr, seed, p_behavior=0.02):
     """GRPO once (the steering score does not enter it), VSPO at each alignment rho."""
-    correct, behavior, decoy, logits0 = make_arms()
+    correct, behavior, decoy, logits0 = make_arms(p_behavior=p_behavior)
     grpo, grpo_curve = train(correct, behavior, logits0, behavior, [0.0], seeds, iters, lam=lam, lr=lr,
                              seed=seed)
     rows, curves = [], {"grpo": grpo_curve.mean(1)}
@@ -194,6 +194,8 @@ def main():
     p.add_argument("--intensity", type=float, default=5.0,
                    help="top steering intensity a (groups use 0, a/2, a)")
     p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--p-behavior", type=float, default=0.02,
+                   help="the behaviour's share of the initial policy (the unsteered base rate)")
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "bandit.png"))
@@ -202,11 +204,14 @@ def main():
     try:
         check_finite(args)
         rhos = parse_list(args.rhos, "--rhos")
+        if not 0 < args.p_behavior < 0.5:
+            raise ValueError("--p-behavior must be above 0 and below 0.5")
     except ValueError as e:
         sys.exit(f"error: {e}")
     torch.set_num_threads(1)
     t0 = time.time()
-    rows, curves = experiment(rhos, args.seeds, args.iters, args.intensity, args.lam, args.lr, args.seed)
+    rows, curves = experiment(rhos, args.seeds, args.iters, args.intensity, args.lam, args.lr, args.seed,
+                              args.p_behavior)
     print_table(rows, args.iters, 0.9)
     print(f"{time.time() - t0:.0f} s")
     if not args.no_plot:

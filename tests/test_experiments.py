@@ -143,3 +143,13 @@ def test_response_pairs_differ_only_by_the_marker(tiny_chat_model):
     pairs = response_pairs(model, tok, behavior, MARKERS["confidence"], max_new_tokens=6)
     for pos, neg in pairs:
         assert pos[:-1] == neg[:-1] and pos[-1]["content"] == neg[-1]["content"] + "\n\nConfidence: 80%"
+
+
+def test_bandit_base_rate_flag():
+    from experiments.bandit import make_arms
+
+    _, behavior, _, logits0 = make_arms(p_behavior=0.07)
+    assert abs((logits0.softmax(-1) * behavior).sum().item() - 0.07) < 1e-6
+    out = subprocess.run([sys.executable, "-m", "experiments.bandit", "--p-behavior", "0.6", "--no-plot"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0 and "error: --p-behavior must be above 0 and below 0.5" in out.stderr
