@@ -75,7 +75,7 @@ def parse_args(argv=None):
                    help="KL coefficient to the initial model (0: no reference copy)")
     p.add_argument("--aggregation", default="fixed", choices=vspo.AGGREGATIONS,
                    help="loss averaging; fixed (Dr. GRPO) because seq_mean's length bias drove answers into "
-                        "the token budget (README)")
+                        "the token budget (docs/history.md)")
     p.add_argument("--advantage", default="std", choices=["std", "none"])
     p.add_argument("--updates-per-batch", type=int, default=1,
                    help="optimizer steps on each batch of rollouts (GRPO's mu)")

@@ -1,6 +1,6 @@
 """
 A steering vector from contrasting *responses* rather than instructions, and whether it raises the
-rewarded behaviour (issue: confidence's instruction vector lengthens answers but never makes them
+rewarded behaviour (confidence's instruction vector lengthens answers but never makes them
 state a confidence).
 
     python -m experiments.response_vector --behavior confidence --layers 6,9,12 --intensities 0.1,0.2,0.3
