@@ -271,9 +271,9 @@ def rollout_stats(model, tok, r, examples, behavior_fn):
     rows = [examples[int(p)] for p in r.prompt_index]
     logp, _ = completion_logprobs(model, r, list(range(len(comps))), temperature=1.0)  # 0 off the completions
     n = len(comps)
+    behavior = sum(behavior_fn("", c, ex) for c, ex in zip(comps, rows)) / n if behavior_fn else float("nan")
     return {
-        "behavior": sum(behavior_fn("", c, ex) for c,
-                        ex in zip(comps, rows)) / n if behavior_fn else float("nan"),
+        "behavior": behavior,
         "accuracy": sum(rewards.accuracy("", c, ex) for c, ex in zip(comps, rows)) / n,
         "length": sum(c.n_tokens for c in comps) / n,
         "stopped": sum(c.stopped for c in comps) / n,

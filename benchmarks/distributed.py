@@ -77,8 +77,8 @@ def sampling(args):
     model, tok = load_model_and_tokenizer(None, device)
     policy = distributed.wrap(Policy(model), d)
     prompt = tok.chat(user_prompt("Tom has 4 apples and gets 3 more. How many apples does he have? Explain."))
-    run = lambda: policy(generate, [prompt], n=args.rows, max_new_tokens=args.new_tokens, temperature=1.0,
-                         seed=0)
+    run = lambda: policy(generate, [prompt], n=args.rows, max_new_tokens=args.new_tokens,
+                         temperature=1.0, seed=0)
     times = {"gathered once (full_weights)": [], "gathered per block per token": []}
     for _ in range(args.repeats):  # alternate the two, so drift on a shared host hits both alike
         for name in times:
@@ -94,8 +94,8 @@ def sampling(args):
         print("|---|---|---|---|")
         best = {k: min(v) for k, v in times.items()}
         for name, s in best.items():
-            print(f"| {name} | {s:.2f} | {tokens / s:.0f} | {s / best['gathered once (full_weights)']:.2f}x "
-                  "|")
+            ratio = s / best["gathered once (full_weights)"]
+            print(f"| {name} | {s:.2f} | {tokens / s:.0f} | {ratio:.2f}x |")
     distributed.teardown()
 
 

@@ -45,8 +45,8 @@ def main():
     a = torch.randn(2048, 2048)
     print(f"square 2048 matmul: {2 * 2048 ** 3 / best_seconds(lambda: a @ a) / 1e9:.0f} GFLOP/s\n")
     layer_flops = 2 * N_LAYER * sum(o * i for o, i in FUSED)
-    weights = {shapes: [[torch.randn(o, i) * 0.02 for o,
-                         i in shapes] for _ in range(N_LAYER)] for shapes in (FUSED, SEPARATE)}
+    weights = {shapes: [[torch.randn(o, i) * 0.02 for o, i in shapes] for _ in range(N_LAYER)]
+               for shapes in (FUSED, SEPARATE)}
     packed_weights = {shapes: [[torch.ops.mkldnn._reorder_linear_weight(w) for w in ws] for ws in layers]
                       for shapes, layers in weights.items()}
     vocab = torch.randn(VOCAB, C) * 0.02

@@ -82,8 +82,7 @@ def alignment_tv(logits0, score, alpha, behavior):
 
 
 def train(correct, behavior, logits0, score, intensities, seeds, iters, groups=4, group_size=6, lam=1.0,
-          lr=0.5,
-          target_rate=0.9, seed=0):
+          lr=0.5, target_rate=0.9, seed=0):
     """Independent runs (one per seed) of GRPO-style training, vectorised: every row of theta (S, K) is
     its own policy. intensities: the set a group's rollouts are stratified over ([0.0] is GRPO).
     -> iterations each run took to reach `target_rate` (iters + 1 if never), and the (iters, S) curve of
@@ -124,9 +123,9 @@ def experiment(rhos, seeds, iters, top_intensity, lam, lr, seed, p_behavior=0.02
     for rho in rhos:
         score = (1 - rho) * behavior + rho * decoy
         steered = steered_probs(logits0, score, torch.tensor(top_intensity))
-        hit, curve = train(correct, behavior, logits0, score, [0.0, top_intensity / 2, top_intensity], seeds,
-                           iters,
-                           lam=lam, lr=lr, seed=seed)
+        intensities = [0.0, top_intensity / 2, top_intensity]
+        hit, curve = train(correct, behavior, logits0, score, intensities, seeds, iters, lam=lam, lr=lr,
+                           seed=seed)
         rows.append({"rho": rho, "tv": alignment_tv(logits0, score, top_intensity, behavior),
                      "steered_behavior": (steered * behavior).sum().item(), "grpo": grpo.tolist(),
                      "vspo": hit.tolist()})

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -53,11 +54,10 @@ def run(algo, seed, args):
     """One train.py run (resumed if it was interrupted, read back if finished) -> read_run's dict."""
     out = os.path.join(args.out, f"{algo}-seed{seed}")
     if not os.path.isfile(os.path.join(out, "eval_after.json")):
-        argv = ["--behavior", args.behavior, "--algo", algo, "--seed", str(seed), "--out", out, "--steps",
-                str(args.steps),
-                "--eval-every", str(args.eval_every), "--eval-n", str(args.eval_n), "--eval-data",
-                args.eval_data,
-                "--device", args.device, *args.train_args.split()]
+        argv = ["--behavior", args.behavior, "--algo", algo, "--seed", str(seed), "--out", out,
+                "--steps", str(args.steps), "--eval-every", str(args.eval_every),
+                "--eval-n", str(args.eval_n), "--eval-data", args.eval_data, "--device", args.device,
+                *args.train_args.split()]
         if args.model:
             argv += ["--model", args.model]
         if os.path.isfile(os.path.join(out, "latest")):
@@ -108,8 +108,8 @@ def fmt(m, se):
 def print_tables(diag, results, args):
     print(f"\nalignment diagnostic (before training; layer {diag['layer']}, {args.eval_n} held-out problems, "
           f"T={args.train.temperature}, {args.train.max_new_tokens} new tokens):")
-    print("| intensity | behaviour rate | accuracy | mean length | ended on its own | perplexity (unsteered) "
-          "|")
+    print("| intensity | behaviour rate | accuracy | mean length | ended on its own "
+          "| perplexity (unsteered) |")
     print("|---|---|---|---|---|---|")
     for r in diag["rows"]:
         print(f"| {r['intensity']:g} | {r['behavior']:.2f} | {r['accuracy']:.2f} | {r['length']:.0f} | "
@@ -131,8 +131,8 @@ def print_tables(diag, results, args):
     print("|---|" + "---|" * len(steps))
     for algo, runs in results.items():
         if all("behavior_zero_spread_frac" in row for r in runs for row in r["log"]):
-            print(f"| {algo} | " + " | ".join(f"{m:.2f}" for m,
-                                              _ in log_curve(runs, "behavior_zero_spread_frac")[1]) + " |")
+            _, stats = log_curve(runs, "behavior_zero_spread_frac")
+            print(f"| {algo} | " + " | ".join(f"{m:.2f}" for m, _ in stats) + " |")
     minutes = [r["minutes"] for runs in results.values() for r in runs]
     print(f"\n{len(minutes)} runs, {sum(m for m in minutes if not math.isnan(m)):.0f} minutes of training in "
           "all (each run's last invocation)")
@@ -148,8 +148,8 @@ def plot(diag, results, path):
         for k, (algo, runs) in enumerate(results.items()):
             color = f"C{k}"
             for r in runs:  # a thin line per seed, the mean over seeds thick
-                ax.plot([s for s, _ in r["evals"]], [m[key] for _, m in r["evals"]], color=color, lw=0.6,
-                        alpha=0.5)
+                xs, ys = [s for s, _ in r["evals"]], [m[key] for _, m in r["evals"]]
+                ax.plot(xs, ys, color=color, lw=0.6, alpha=0.5)
             steps, stats = curve(runs, key)
             ax.plot(steps, [m for m, _ in stats], "o-", color=color, lw=2,
                     label=f"{algo} ({len(runs)} seeds)")
@@ -186,6 +186,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "compare"))
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "compare.png"))
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: tabulate the finished runs among --algos x --seeds")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     # what every run will use
@@ -202,8 +204,13 @@ def main(argv=None):
     algos, runs = args.algos.split(","), {}
     for seed in args.seeds:  # seed by seed, so that an interrupted command has whole pairs to compare
         for algo in algos:
-            runs[algo, seed] = run(algo, seed, args)
-    results = {algo: [dict(runs[algo, s], seed=s) for s in args.seeds] for algo in algos}
+            finished = os.path.isfile(os.path.join(args.out, f"{algo}-seed{seed}", "eval_after.json"))
+            if not args.report or finished:
+                runs[algo, seed] = run(algo, seed, args)
+    results = {algo: [dict(runs[algo, s], seed=s) for s in args.seeds if (algo, s) in runs] for algo in algos}
+    results = {algo: seeds for algo, seeds in results.items() if seeds}
+    if not results:
+        sys.exit(f"error: no finished runs of {args.algos} with seeds {args.seeds} in {args.out}")
     print_tables(diag, results, args)
     print(f"\n{(time.time() - t0) / 60:.0f} min in this invocation")
     try:

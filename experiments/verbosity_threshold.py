@@ -88,8 +88,8 @@ def main():
         rows = [ex for ex in examples for _ in range(G)]
         for b in budgets:
             ended = sum(c.stopped and c.n_tokens <= b for c in comps) / len(comps)
-            acc = sum(c.n_tokens <= b and rewards.accuracy("", c, ex) for c,
-                      ex in zip(comps, rows)) / len(comps)
+            right = [c.n_tokens <= b and rewards.accuracy("", c, ex) for c, ex in zip(comps, rows)]
+            acc = sum(right) / len(comps)
             cells = [f"{rate(comps, n, b):.2f} ({groups_with_success(comps, G, n, b):.2f})" for n in n_mins]
             print(f"| {a:g} | {b} | {ended:.2f} | {acc:.2f} | " + " | ".join(cells) + " |", flush=True)
 
