@@ -175,8 +175,8 @@ def state_dicts(model, optimizer, d):
 
     if d.fsdp and is_distributed():
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer,
-                                                                                      options=options)
+        return (get_model_state_dict(model, options=options),
+                get_optimizer_state_dict(model, optimizer, options=options))
     return model.state_dict(), get_optimizer_state_dict(model, optimizer)
 
 

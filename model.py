@@ -218,8 +218,8 @@ class Attention(nn.Module):
         self.wo = Linear(config.n_head * config.head_dim, config.n_embd, bias=config.o_bias)
         # Qwen3: one gain of head_dim shared by every query head, another by every key head
         if config.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(config.head_dim, config.norm_eps), RMSNorm(config.head_dim,
-                                                                                          config.norm_eps)
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.qk_norm = config.qk_norm
 
     def forward(self, x, rope, mask, kv_cache):
@@ -328,8 +328,8 @@ class KVCache:
         every decode step fault in pages one at a time (docs/speed.md)."""
         shape = (self.k.size(0), len(rows), self.k.size(2), max_len or self.max_len, self.k.size(4))
         k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
-        k[:, :, :, :self.pos], v[:, :, :, :self.pos] = self.k[:, rows, :, :self.pos], self.v[:, rows, :,
-                                                                                             :self.pos]
+        k[:, :, :, :self.pos] = self.k[:, rows, :, :self.pos]
+        v[:, :, :, :self.pos] = self.v[:, rows, :, :self.pos]
         self.k, self.v = k, v
 
     def update(self, layer, k, v):
@@ -354,9 +354,10 @@ class Transformer(nn.Module):
         if config.is_gpt2:
             self.pos_emb = nn.Embedding(config.max_seq_len, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = nn.LayerNorm(config.n_embd,
-                                 eps=config.norm_eps) if config.is_gpt2 else RMSNorm(config.n_embd,
-                                                                                     config.norm_eps)
+        if config.is_gpt2:
+            self.norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+        else:
+            self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -368,8 +369,8 @@ class Transformer(nn.Module):
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # (B, T, D/2)
         cos, sin = freqs.cos(), freqs.sin()
         # (B, T, 1, D): the same rotation for every head; sin with apply_rope's sign folded in
-        return torch.cat((cos, cos), -1).unsqueeze(2).to(dtype), torch.cat((-sin, sin),
-                                                                           -1).unsqueeze(2).to(dtype)
+        cos, signed_sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+        return cos.unsqueeze(2).to(dtype), signed_sin.unsqueeze(2).to(dtype)
 
     def _attention_mask(self, B, T, S, padding_mask, device):
         """Boolean (B, 1, T, S) mask, True = may attend; None when plain causal attention suffices.
@@ -529,14 +530,14 @@ def _name_pairs(config):
         pairs += [(f"{q}attn_norm.weight", (f"{p}input_layernorm.weight",), False),
                   (f"{q}mlp_norm.weight", (f"{p}post_attention_layernorm.weight",), False)]
         if config.qk_norm:
-            pairs += [(f"{q}attn.{n}.weight", (f"{p}self_attn.{n}.weight",), False) for n in ("q_norm",
-                                                                                              "k_norm")]
+            pairs += [(f"{q}attn.{n}.weight", (f"{p}self_attn.{n}.weight",), False)
+                      for n in ("q_norm", "k_norm")]
         for ours, theirs in (("attn.wqkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                              ("attn.wo", ("self_attn.o_proj",)),
                              ("mlp.w_gate_up", ("mlp.gate_proj", "mlp.up_proj")),
                              ("mlp.w_down", ("mlp.down_proj",))):
-            pairs += [(f"{q}{ours}.{w}", tuple(f"{p}{t}.{w}" for t in theirs), False) for w in ("weight",
-                                                                                                "bias")]
+            pairs += [(f"{q}{ours}.{w}", tuple(f"{p}{t}.{w}" for t in theirs), False)
+                      for w in ("weight", "bias")]
     if config.is_gpt2:
         return pairs + [("tok_emb.weight", ("transformer.wte.weight",), False),
                         ("pos_emb.weight", ("transformer.wpe.weight",), False),

@@ -49,9 +49,8 @@ class Rollouts:
     def padding_mask(self):
         """(N, P + G) bool: real tokens (the prompt and the completion), False on padding."""
         cols = torch.arange(self.tokens.size(1), device=self.tokens.device)
-        return (cols >= self.prompt_width - self.prompt_lens[:,
-                                                             None]) & ((cols < self.prompt_width)
-                                                                       | self.completion_mask)
+        prompt_start = self.prompt_width - self.prompt_lens[:, None]  # (N, 1)
+        return (cols >= prompt_start) & ((cols < self.prompt_width) | self.completion_mask)
 
     @property
     def positions(self):

@@ -334,8 +334,8 @@ def print_row(row, header=False):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Extract a behaviour's steering vectors; --sweep picks a "
-                                                 "layer and intensity.")
+    parser = argparse.ArgumentParser(
+        description="Extract a behaviour's steering vectors; --sweep picks a layer and intensity.")
     parser.add_argument("--behavior", required=True)
     parser.add_argument("--model", default=None,
                         help="checkpoint folder (default: the bundled SmolLM2-135M-Instruct)")

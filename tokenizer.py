@@ -32,8 +32,7 @@ class TokenizerError(ValueError):
 
 def bytes_to_unicode():
     """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"),
-                                                                                                ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -52,11 +51,11 @@ def _split_pattern(pre, source):
         raise TokenizerError(f"{source}: ByteLevel add_prefix_space=true is not supported")
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return GPT2_PATTERN
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex",
-                                                                                               True):
+    if (kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
+            and steps[1].get("use_regex", True)):
         return DIGITS_THEN_GPT2_PATTERN
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex",
-                                                            True) and steps[0].get("behavior") == "Isolated":
+    if (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True)
+            and steps[0].get("behavior") == "Isolated"):
         regex = (steps[0].get("pattern") or {}).get("Regex")
         # a String pattern splits on a literal, which tiktoken's regex cannot express
         if not isinstance(regex, str):
@@ -100,8 +99,7 @@ class Tokenizer:
         if not isinstance(vocab, dict) or not isinstance(merges, list) or not isinstance(added, list):
             raise TokenizerError(f"{tj_path}: model.vocab must be an object and model.merges, added_tokens "
                                  "lists")
-        if not all(isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"),
-                                                                                            int)
+        if not all(isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int)
                    for t in added):
             raise TokenizerError(f"{tj_path}: every entry of added_tokens needs a string content and an "
                                  "integer id")

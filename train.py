@@ -380,9 +380,10 @@ def main(argv=None):
                              model)
         vector = layer = None
         if args.algo == "vspo":  # extracted (or read) once, by rank 0, and sent to the others
-            sv = distributed.broadcast(load_or_extract(model, tok, args.behavior, args.model,
-                                                       layer=args.layer)
-                                       if d.master else None)
+            sv = None
+            if d.master:
+                sv = load_or_extract(model, tok, args.behavior, args.model, layer=args.layer)
+            sv = distributed.broadcast(sv)
             vector, layer = sv.scaled_direction().to(args.device), sv.layer
             coeffs = given_coeffs or [0.0, sv.intensity / 2, sv.intensity]
     except (ValueError, OSError, DataError) as e:
@@ -455,8 +456,8 @@ def main(argv=None):
         batch = [train_examples[i] for i in batch_indices(len(train_examples), P, step, args.seed)]
         if args.algo == "vspo":
             g = torch.Generator().manual_seed(args.seed * 7919 + step)
-            all_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, coeffs, G, step, args.steps,
-                                                            g) for _ in batch])
+            all_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, coeffs, G, step, args.steps, g)
+                                    for _ in batch])
         else:
             all_coeffs = torch.zeros(P * G)
         mine = range(d.rank * P // W, (d.rank + 1) * P // W)
@@ -513,13 +514,12 @@ def main(argv=None):
                     logp, ent = policy(completion_logprobs, r, mb, args.temperature)
                     # maximum likelihood on the teacher's traces that earn the behaviour
                     if args.algo == "distill":
-                        loss, s = vspo.sft_loss(logp, keep[mb], mask[mb], normalizer,
-                                                args.aggregation), {"clip_frac": 0, "kl": 0}
+                        loss = vspo.sft_loss(logp, keep[mb], mask[mb], normalizer, args.aggregation)
+                        s = {"clip_frac": 0, "kl": 0}
                     else:
                         loss, s = vspo.policy_loss(logp, old.get(mb[0], logp.detach()), advantages[mb],
-                                                   mask[mb], normalizer,
-                                                   args.aggregation, ref_logprobs=ref.get(mb[0]),
-                                                   beta=args.beta,
+                                                   mask[mb], normalizer, args.aggregation,
+                                                   ref_logprobs=ref.get(mb[0]), beta=args.beta,
                                                    is_weights=weights.get(mb[0]))
                     (loss * W).backward()
                 share = len(mb) / (P * G) / args.updates_per_batch

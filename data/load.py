@@ -60,8 +60,8 @@ def load_model_and_tokenizer(path=None, device="cpu", dtype=torch.float32):
     if path is None:
         path = prepare(DEFAULT_MODEL)
     try:
-        model, tok = Transformer.from_pretrained(path, device=device,
-                                                 dtype=dtype), Tokenizer.from_pretrained(path)
+        model = Transformer.from_pretrained(path, device=device, dtype=dtype)
+        tok = Tokenizer.from_pretrained(path)
     except (CheckpointError, TokenizerError) as e:
         raise ValueError(str(e)) from None
     # More embedding rows than token ids is normal (Qwen2.5 pads 151,665 ids to 151,936 rows): the sampler

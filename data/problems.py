@@ -116,8 +116,8 @@ def read_jsonl(path):
             except RecursionError:
                 raise DataError(f"{path}:{i}: nested too deeply to read; each line must be a flat JSON "
                                 "object") from None
-            if not isinstance(ex, dict) or not isinstance(ex.get("question"),
-                                                          str) or not isinstance(ex.get("answer"), str):
+            fields = ex if isinstance(ex, dict) else {}
+            if not (isinstance(fields.get("question"), str) and isinstance(fields.get("answer"), str)):
                 raise DataError(f'{path}:{i}: each line needs string fields "question" and "answer"')
             if "####" not in ex["answer"]:
                 raise DataError(f'{path}:{i}: the answer must end with "#### <final answer>" (GSM8K format)')
