@@ -82,9 +82,8 @@ def row_uniforms(seed, row_ids, length):
     def row_seed(row):  # a well-mixed 63-bit seed per (seed, row), so nearby seeds give unrelated streams
         return int.from_bytes(hashlib.sha256(f"{seed}/{row}".encode()).digest()[:8], "little") >> 1
 
-    return torch.stack([torch.rand(length, dtype=torch.float64,
-                                   generator=torch.Generator().manual_seed(row_seed(int(r))))
-                        for r in row_ids])
+    generators = [torch.Generator().manual_seed(row_seed(int(r))) for r in row_ids]
+    return torch.stack([torch.rand(length, dtype=torch.float64, generator=g) for g in generators])
 
 
 def sample_token(logits, temperature, top_k, top_p, u):
@@ -259,8 +258,7 @@ def completion_logprobs(model, r, rows, temperature, chunk=512):
     logp, ent = [h_sel.new_zeros(0, dtype=torch.float32)], [h_sel.new_zeros(0, dtype=torch.float32)]
     for i in range(0, len(t_sel), chunk):
         lp, e = checkpoint(_chunk_logprobs, h_sel[i:i + chunk], model.lm_head.weight[:r.vocab_size],
-                           t_sel[i:i + chunk],
-                           temperature, use_reentrant=False)
+                           t_sel[i:i + chunk], temperature, use_reentrant=False)
         logp.append(lp)
         ent.append(e)
     zeros = torch.zeros(mask.shape, device=h.device)
@@ -311,7 +309,6 @@ def inverse_cdf_sample(logits, u):
 def below(x):
     """The largest float below x (same dtype)."""
     return torch.nextafter(x, torch.zeros_like(x))
-
 
 
 # -----------------------------------------------------------------------------
