@@ -466,15 +466,16 @@ def main(argv=None):
         rows = range(mine.start * G, mine.stop * G)
         row_coeffs = all_coeffs[mine.start * G:mine.stop * G]
         plain = [chat_prompt(tok, ex, behavior) for ex in batch]
-        sample_prompts = [chat_prompt(tok, ex, behavior,
-                                      instruction) for ex in batch] if instruction else plain
+        # guided and distill sample with the behaviour's instruction in the prompt
+        sample_prompts = plain
+        if instruction:
+            sample_prompts = [chat_prompt(tok, ex, behavior, instruction) for ex in batch]
         # 2. rollouts, each row at its own intensity
         with autocast(), distributed.full_weights(policy):
             r = (teacher or policy)(generate, sample_prompts, n=G, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, stop_ids=tok.stop_ids,
-                                    seed=args.seed * 1_000_003 + step,
-                                    vector=vector, layer=layer, coeffs=row_coeffs,
-                                    steer_prompt=args.steer_prompt == "yes",
+                                    seed=args.seed * 1_000_003 + step, vector=vector, layer=layer,
+                                    coeffs=row_coeffs, steer_prompt=args.steer_prompt == "yes",
                                     row_ids=rows, vocab_size=tok.vocab_size)
         if instruction:  # trained on the plain prompt
             r = with_prompts(r, [p for p in plain for _ in range(G)])
@@ -484,8 +485,7 @@ def main(argv=None):
         reward, acc, beh = score(tok, r, row_examples, behavior, args.lam)
         # 4. group-relative advantages over all G rollouts of a prompt, whatever their intensity
         advantages, zero_spread = vspo.group_advantages(reward, G, scale=args.advantage)
-        # groups with no behaviour signal: VSPO's target
-        _, behavior_zero_spread = vspo.group_advantages(beh, G)
+        _, behavior_zero_spread = vspo.group_advantages(beh, G)  # groups with no behaviour signal
         advantages = advantages.to(args.device)
         keep = (beh >= 0.5).to(args.device)  # distill: the traces that earn the behaviour
         # 5. the update, on the unsteered policy. The normaliser is the whole batch's (summed over ranks);
@@ -528,8 +528,8 @@ def main(argv=None):
                 stats["kl"] += s["kl"] * share
                 stats["entropy"] += (ent * mask[mb]).sum().item() / max(1, mask[mb].sum().item()) * share
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            # FSDP: a DTensor
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
         t_update = time.time() - t1
 
@@ -544,11 +544,9 @@ def main(argv=None):
         by_coeff = {f"{c:g}": beh[all_coeffs == c].mean().item() for c in sorted(set(all_coeffs.tolist()))}
         row = {"step": step, "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
                "accuracy_mean": acc.mean().item(), "behavior_mean": beh.mean().item(),
-               "behavior_by_coeff": by_coeff,
-               "zero_spread_frac": sum(p[6] for p in parts) / P,
+               "behavior_by_coeff": by_coeff, "zero_spread_frac": sum(p[6] for p in parts) / P,
                "behavior_zero_spread_frac": sum(p[10] for p in parts) / P,
-               "length_mean": lengths.mean().item(),
-               "length_max": lengths.max().item(),
+               "length_mean": lengths.mean().item(), "length_max": lengths.max().item(),
                "truncated_frac": finish_reasons.count("length") / len(finish_reasons),
                **stats, "grad_norm": grad_norm.item(), "seconds_sample": max(p[7] for p in parts),
                "seconds_update": max(p[8] for p in parts), "peak_rss_gb": max(p[9] for p in parts)}
