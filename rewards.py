@@ -120,8 +120,8 @@ def reading_grade(text):
 
 # markers of a specialist register: notation, formal connectives, technical terms
 _EXPERT_MARKERS = re.compile(r"\\[a-z]+|[=<>≤≥∑∫√×÷]|\b(?:therefore|thus|hence|denote|variable|"
-                             r"equation|operand|arithmetic|summation|integer|quantity|respectively|subsequently|"
-                             r"commutative)\b", re.IGNORECASE)
+                             r"equation|operand|arithmetic|summation|integer|quantity|respectively|"
+                             r"subsequently|commutative)\b", re.IGNORECASE)
 LEVELS = {"beginner": 4.0, "intermediate": 8.0, "expert": 12.0}  # target reading grades
 
 
