@@ -176,7 +176,7 @@ def main(argv=None):
     p.add_argument("--model", default=None)
     p.add_argument("--algos", default=",".join(ALGOS))
     p.add_argument("--seeds", default="0",
-                   help="comma-separated; one seed is what a 2-core CPU affords in ~90 min")
+                   help="comma-separated; on 2 CPU cores one run of the default takes about 10-20 minutes")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--eval-n", type=int, default=48)
@@ -185,7 +185,7 @@ def main(argv=None):
                    help="further train.py flags, shared by every run, e.g. '--lr 1e-4 --max-new-tokens 256'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "compare"))
-    p.add_argument("--plot", default=os.path.join(ROOT, "docs", "compare.png"))
+    p.add_argument("--plot", default=None, help="where the plot goes (default: <out>/compare.png)")
     p.add_argument("--report", action="store_true",
                    help="train nothing: tabulate the finished runs among --algos x --seeds")
     args = p.parse_args(argv)
@@ -214,7 +214,7 @@ def main(argv=None):
     print_tables(diag, results, args)
     print(f"\n{(time.time() - t0) / 60:.0f} min in this invocation")
     try:
-        plot(diag, results, args.plot)
+        plot(diag, results, args.plot or os.path.join(args.out, "compare.png"))
     except ImportError:
         print("matplotlib is not installed: no plot")
 

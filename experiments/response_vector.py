@@ -45,6 +45,8 @@ def main(argv=None):
     p.add_argument("--answer-tokens", type=int, default=96, help="budget of the greedy answers in the pairs")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--steer-prompt", choices=("yes", "no"), default="yes",
+                   help="no: steer only the generated tokens, where the vector was read")
     p.add_argument("--data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -64,7 +66,7 @@ def main(argv=None):
                   f"pairs agreeing {sv.meta['agreement']:.0%}")
         examples = load_examples(args.data, behavior, args.seed)[:args.questions]
         sweep(model, tok, behavior, vectors, examples, layers, intensities, args.max_new_tokens,
-              args.temperature, args.seed)
+              args.temperature, args.seed, steer_prompt=args.steer_prompt == "yes")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 

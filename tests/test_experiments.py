@@ -123,12 +123,18 @@ def test_verbosity_threshold_script_tiny(smollm2, tmp_path, monkeypatch, capsys)
     assert len(rows) == 4  # intensities 0 and 0.15, budgets 8 and 12
 
 
-def test_response_vector_script_tiny(smollm2, capsys):
-    """The confidence vector from contrasting responses: extracted and swept end to end (tiny sizes)."""
+def test_response_vector_script_tiny(smollm2, capsys, monkeypatch):
+    """The confidence vector from contrasting responses: extracted and swept end to end (tiny sizes),
+    steering the generated tokens only when asked."""
     from experiments import response_vector
 
+    seen = []
+    real_sweep = response_vector.sweep
+    monkeypatch.setattr(response_vector, "sweep",
+                        lambda *a, steer_prompt: seen.append(steer_prompt) or real_sweep(*a, steer_prompt=steer_prompt))
     response_vector.main(["--model", smollm2, "--questions", "2", "--layers", "6", "--intensities", "0.2",
-                          "--max-new-tokens", "8", "--answer-tokens", "12"])
+                          "--max-new-tokens", "8", "--answer-tokens", "12", "--steer-prompt", "no"])
+    assert seen == [False]
     out = capsys.readouterr().out
     assert "layer 6: |v| =" in out and "pairs agreeing" in out
     assert len([l for l in out.splitlines() if l.startswith("| 6 | 0.20 |")]) == 1
