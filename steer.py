@@ -383,7 +383,8 @@ def main():
         return
     vectors[best["layer"]].intensity = best["intensity"]
     info.update(chosen_layer=best["layer"],
-                chosen_by=f"sweep: {args.questions} problems, T={args.temperature}, seed {args.seed}")
+                chosen_by=f"sweep: {args.questions} problems, T={args.temperature}, seed {args.seed}, "
+                          f"--steer-prompt {args.steer_prompt}")
     save_vectors(path, vectors, best["layer"],
                  {k: v for k, v in info.items() if k not in ("layers", "intensity", "chosen_layer")})
     print(f"chosen: layer {best['layer']}, intensity {best['intensity']} (behaviour {best['behavior']:.2f} "
