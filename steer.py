@@ -347,7 +347,9 @@ def main():
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.5)
-    parser.add_argument("--steer-prompt", choices=["yes", "no"], default="yes")
+    parser.add_argument("--steer-prompt", choices=["yes", "no"], default="yes",
+                        help="no: steer generated tokens only; the intensity chosen then suits "
+                             "train.py --steer-prompt no")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
