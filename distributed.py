@@ -49,10 +49,16 @@ def setup(device, fsdp, prompts_per_step):
             raise ValueError("--fsdp shards the model across processes: run under torchrun (torchrun "
                              "--nproc_per_node N train.py ... --fsdp)")
         return Dist(device=device), device
-    world, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    world, rank, local_rank = launcher_env()
     if prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {prompts_per_step} does not divide by the {world} processes: "
                          f"each process takes whole groups; pass a multiple of {world}")
+    # torchrun (and its elastic agent) sets these; without them init_process_group would wait for peers
+    # that were never started, silently, until its timeout
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not all(k in os.environ for k in ("MASTER_ADDR",
+                                                                                      "MASTER_PORT")):
+        raise ValueError(f"WORLD_SIZE={world} is set, but this process was not started by torchrun: run "
+                         "torchrun --nproc_per_node N train.py ..., or unset WORLD_SIZE, RANK and LOCAL_RANK")
     import torch.distributed as dist
 
     if torch.device(device).type == "cuda":
@@ -65,6 +71,25 @@ def setup(device, fsdp, prompts_per_step):
     else:
         dist.init_process_group("gloo")
     return Dist(rank, world, local_rank, fsdp, device), device
+
+
+def launcher_env():
+    """(WORLD_SIZE, RANK, LOCAL_RANK) from the environment, checked: whole numbers, at least one
+    process, and this process's rank among them. -> a one-line ValueError that says to use torchrun."""
+    values = []
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        text = os.environ.get(key)
+        if text is None or not text.strip().isdigit():
+            shown = text if text is not None else "(unset)"
+            raise ValueError(f"{key}={shown}: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK to whole "
+                             "numbers; launch with torchrun --nproc_per_node N train.py ..., or unset "
+                             "WORLD_SIZE for one process")
+        values.append(int(text))
+    world, rank, local_rank = values
+    if world < 1 or rank >= world or local_rank >= world:
+        raise ValueError(f"WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={local_rank}: a rank must be below "
+                         "the number of processes; launch with torchrun --nproc_per_node N train.py ...")
+    return world, rank, local_rank
 
 
 def teardown():
@@ -159,6 +184,33 @@ def broadcast(obj):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_master(fn, d, errors=(ValueError, OSError)):
+    """fn() run by rank 0 alone, its result on every rank. If it fails with one of `errors`, every rank
+    raises the same one-line ValueError: the others would otherwise wait in their next collective, for
+    a result that never comes, until the timeout. In one process: fn()."""
+    if not is_distributed():
+        try:
+            return fn()
+        except errors as e:
+            raise ValueError(str(e)) from None
+    result = error = None
+    if d.master:
+        try:
+            result = fn()
+        except errors as e:
+            error = str(e)
+    error, result = broadcast((error, result))
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
+def agree(error, d):
+    """Rank 0's error message (or None), the same on every rank: for work that every rank does but only
+    rank 0 can see fail (its writes)."""
+    return broadcast(error) if is_distributed() else error
 
 
 def barrier():

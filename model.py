@@ -456,10 +456,12 @@ class Transformer(nn.Module):
             raise CheckpointError(f"{config_path}: missing; a checkpoint folder needs config.json and "
                                   "*.safetensors")
         try:
-            with open(config_path) as f:
+            with open(config_path, encoding="utf-8") as f:
                 hf = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # not JSON, not UTF-8, or an integer of thousands of digits
             raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+        except RecursionError:  # Python's JSON reader recurses once per level of nesting
+            raise CheckpointError(f"{config_path}: nested too deeply to be a config") from None
         config = Config.from_hf(hf, config_path)
         found = _read_safetensors(path)
         layers = {int(m.group(1)) for key in found

@@ -6,8 +6,17 @@ a text alone does not carry (its length in tokens, and whether it ended on its o
 the stop token or was cut off at max_new_tokens). `example` is the data row, GSM8K-style
 ({"question", "answer": "... #### 42"}). Standard library only: these run in microseconds
 and are tested on hand-written strings, including attempts to game them.
+
+A behaviour reward (every one but accuracy) returns a finite score in [0, 1], so that lambda means
+the same for every behaviour; `composite` checks this where the score is computed. Its settings
+(the "reward" object of data/behaviors/<name>.json) are declared with it, as `register(name,
+settings={...})`: a setting is (int, low, high), (float, low, high) or a tuple of allowed strings.
+`data.load.load_behavior` checks a behaviour file against the declaration before any model is
+loaded. A reward registered without a declaration (or put into REWARDS directly, as the tests'
+"synthetic" one is) takes no settings.
 """
 
+import numbers
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -21,13 +30,44 @@ class Completion:
 
 
 REWARDS = {}
+SETTINGS = {}  # {reward name: {setting: (int | float, low, high) or (allowed strings)}}
 
 
-def register(name):
+def register(name, settings=None):
     def wrap(fn):
         REWARDS[name] = fn
+        SETTINGS[name] = settings or {}
         return fn
     return wrap
+
+
+def behavior_rewards():
+    """The registered behaviour rewards: every reward but accuracy, which is the task itself."""
+    return [k for k in REWARDS if k != "accuracy"]
+
+
+def check_settings(behavior, settings):
+    """Why `settings` (a behaviour file's "reward" object) do not fit `behavior`'s declaration, or None.
+    A bool is not a number here (JSON true would pass Python's isinstance(x, int)), an int is a float,
+    a string is never a number; NaN and infinities fail the range test, as every comparison with NaN
+    is false."""
+    declared = SETTINGS.get(behavior, {})
+    if not isinstance(settings, dict):
+        return f"reward must be an object (the settings of {behavior}), got {type(settings).__name__}"
+    for key, value in settings.items():
+        if key not in declared:
+            return (f"reward.{key} is not a setting of {behavior} (its settings: "
+                    f"{', '.join(declared) or 'none'})")
+        rule = declared[key]
+        if isinstance(rule[0], type):
+            kind, low, high = rule
+            number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+            if not number or not low <= value <= high:
+                what = "an integer" if kind is int else "a number"
+                return f"reward.{key} must be {what} from {low} to {high}, got {value!r}"
+        elif value not in rule:
+            return f"reward.{key} must be one of {', '.join(map(repr, rule))}, got {value!r}"
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -85,7 +125,7 @@ def distinct_ratio(text, n=3):
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-@register("verbosity")
+@register("verbosity", settings={"min_tokens": (int, 1, 100_000), "min_distinct": (float, 0.0, 1.0)})
 def verbosity(prompt, completion, example, min_tokens=100, min_distinct=0.6):
     """1 for a detailed answer: at least min_tokens tokens, ended on its own, still gives a
     final answer, and not padded by repetition (distinct word trigram ratio)."""
@@ -125,7 +165,7 @@ _EXPERT_MARKERS = re.compile(r"\\[a-z]+|[=<>≤≥∑∫√×÷]|\b(?:therefore|
 LEVELS = {"beginner": 4.0, "intermediate": 8.0, "expert": 12.0}  # target reading grades
 
 
-@register("expertise")
+@register("expertise", settings={"target": tuple(LEVELS), "min_words": (int, 1, 10_000)})
 def expertise(prompt, completion, example, target="beginner", min_words=25):
     """In [0, 1]: how close the explanation's register is to the target level. Readability (grade level)
     and the density of notation/jargon, each scored against the target; a short answer is not an
@@ -192,10 +232,14 @@ def robustness(prompt, completion, example):
 
 
 def composite(prompt, completion, example, behavior, lam=1.0, **behavior_kwargs):
-    """-> (reward, accuracy, behaviour score). `behavior` names a registered reward."""
-    if behavior not in REWARDS or behavior == "accuracy":
-        raise ValueError(f"unknown behaviour {behavior!r}; known: "
-                         f"{', '.join(k for k in REWARDS if k != 'accuracy')}")
+    """-> (reward, accuracy, behaviour score). `behavior` names a registered reward, whose score must be
+    a finite number in [0, 1]: a custom reward that returns 5 or NaN would otherwise drown accuracy, or
+    turn every advantage into NaN, without a word."""
+    if behavior not in behavior_rewards():
+        raise ValueError(f"unknown behaviour {behavior!r}; known: {', '.join(behavior_rewards())}")
     acc = accuracy(prompt, completion, example)
     beh = REWARDS[behavior](prompt, completion, example, **behavior_kwargs)
+    if not isinstance(beh, numbers.Real) or not 0.0 <= beh <= 1.0:  # NaN fails the comparison too
+        raise ValueError(f"behaviour reward {behavior!r} returned {beh!r}; a behaviour score must be a "
+                         "finite number in [0, 1]")
     return acc + lam * beh, acc, beh

@@ -30,6 +30,17 @@ from torch.utils.checkpoint import checkpoint
 from model import KVCache, Steer
 
 
+class NonFiniteLogits(ValueError):
+    """The model's logits hold NaN or inf, so no token can be drawn: its weights hold NaN or inf, or are
+    finite but so large that a matmul overflows (a diverged update). `row` is the row id of the first
+    such row (generate's row_ids), `position` the index of the token it was about to draw."""
+
+    def __init__(self, row, position):
+        self.row, self.position = row, position
+        super().__init__(f"model produced non-finite logits at row {row}, new token {position}: its weights "
+                         "hold NaN or inf, or have diverged")
+
+
 @dataclass
 class Rollouts:
     """N = prompts * n rows; row r is sample r % n of prompt r // n. Columns: P prompt + G generated."""
@@ -197,6 +208,11 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     # backward, so only this loop runs in it: it writes into output tensors made outside it.
     with torch.inference_mode(), model.prepacked() if N > 1 else contextlib.nullcontext():
         for t in range(max_new_tokens):
+            # NaN or inf anywhere in a row shows in its maximum; without this check the sampler would
+            # index past the vocabulary, far from the cause
+            top = logits[:, :V].amax(-1)  # (N,)
+            if not bool(torch.isfinite(top).all()):
+                raise NonFiniteLogits(row_ids[int(active[~torch.isfinite(top)][0])], t)
             ids, logp = sample_token(logits[:, :V], temperature, top_k, top_p, uniforms[active, t])
             rows = active[alive]
             out_tokens[rows, t], out_logp[rows, t] = ids[alive], logp[alive]
@@ -293,6 +309,8 @@ def inverse_cdf_sample(logits, u):
     blocks = weights.reshape(B, -1, SAMPLE_BLOCK)  # (B, nb, SAMPLE_BLOCK); a view unless logits were sliced
     block_cdf = blocks.sum(-1).double().cumsum(-1)  # (B, nb)
     total = block_cdf[:, -1:]  # (B, 1)
+    if not bool((torch.isfinite(total) & (total > 0)).all()):  # generate names the row before this
+        raise ValueError("non-finite logits: no token can be drawn")
     u = u.view(B, 1).to(torch.float64) * total
     u = torch.minimum(u, below(total))  # u < total even after rounding
     block = torch.searchsorted(block_cdf, u, right=True)  # (B, 1): the first block whose cdf exceeds u

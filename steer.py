@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 import rewards
 from data.load import (DEFAULT_MODEL, chat_prompt, load_behavior, load_examples, load_model_and_tokenizer,
-                       user_prompt)
+                       sampling_budget, user_prompt)
 from rollout import check_finite, completion_logprobs, generate, left_pad, parse_list
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -154,8 +154,14 @@ def load_vectors(path):
     except Exception as e:
         raise ValueError(f"{path}: not a steering vector file written by steer.py "
                          f"({str(e).splitlines()[0]})") from None
+    hidden_size = info.get("hidden_size") if isinstance(info, dict) else None
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+        # named here: the shape check below would otherwise report "not (None,)" or "not ('8',)"
+        what = "missing" if hidden_size is None else f"{hidden_size!r}, not a positive integer"
+        raise ValueError(f"{path}: metadata hidden_size is {what}; delete the file to extract the vectors "
+                         "again")
     for l, sv in vectors.items():
-        why = _unusable(sv, info.get("hidden_size"))
+        why = _unusable(sv, hidden_size)
         if why:
             raise ValueError(f"{path}: the vector of layer {l} {why}; delete the file to extract the vectors "
                              "again")
@@ -345,7 +351,9 @@ def main():
     parser.add_argument("--intensities", default="0.25,0.5,0.75,1.0")
     parser.add_argument("--questions", type=int, default=16, help="held-out problems per setting")
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "math", "test.jsonl"))
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="token budget per sample (default: the behaviour's max_new_tokens, else 256, "
+                             "as in train.py)")
     parser.add_argument("--temperature", type=float, default=0.5)
     parser.add_argument("--steer-prompt", choices=["yes", "no"], default="yes",
                         help="no: steer generated tokens only; the intensity chosen then suits "
@@ -374,8 +382,9 @@ def main():
         if not args.sweep:
             return
         examples = load_examples(args.data, behavior, args.seed)[:args.questions]
+        # the budget training uses, so that the chosen setting is measured under the same cut-off
         baseline, results = sweep(model, tok, behavior, vectors, examples, layers, intensities,
-                                  args.max_new_tokens,
+                                  sampling_budget(behavior, args.max_new_tokens),
                                   args.temperature, args.seed, args.steer_prompt == "yes")
     except (ValueError, OSError, DataError) as e:
         sys.exit(f"error: {e}")

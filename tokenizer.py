@@ -45,7 +45,10 @@ def bytes_to_unicode():
 
 def _split_pattern(pre, source):
     """The single regex tiktoken needs, from the tokenizer.json pre_tokenizer."""
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
+    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    if not isinstance(steps, list) or not all(s is None or isinstance(s, dict) for s in steps):
+        raise TokenizerError(f"{source}: pre_tokenizer must be an object, and a Sequence's pretokenizers a "
+                             "list of objects")
     kinds = [s.get("type") if s else None for s in steps]
     if any(s.get("add_prefix_space") for s in steps if s and s.get("type") == "ByteLevel"):
         raise TokenizerError(f"{source}: ByteLevel add_prefix_space=true is not supported")
@@ -56,11 +59,17 @@ def _split_pattern(pre, source):
         return DIGITS_THEN_GPT2_PATTERN
     if (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True)
             and steps[0].get("behavior") == "Isolated"):
-        regex = (steps[0].get("pattern") or {}).get("Regex")
+        pattern = steps[0].get("pattern")
+        regex = pattern.get("Regex") if isinstance(pattern, dict) else None
         # a String pattern splits on a literal, which tiktoken's regex cannot express
         if not isinstance(regex, str):
             raise TokenizerError(f"{source}: a Split pre-tokenizer needs a Regex pattern; "
-                                 f"{steps[0].get('pattern')!r} is not supported")
+                                 f"{pattern!r} is not supported")
+        try:  # tiktoken's own regex engine is the judge: an encoding of one token compiles the regex alone
+            tiktoken.Encoding("regex check", pat_str=regex, mergeable_ranks={b"\0": 0}, special_tokens={})
+        except ValueError as e:
+            raise TokenizerError(f"{source}: the Split pre-tokenizer's regex is not valid "
+                                 f"({str(e).splitlines()[0]})") from None
         return regex  # Llama 3, Qwen2: the regex is spelled out
     raise TokenizerError(f"{source}: pre-tokenizer {kinds} is not supported (byte-level BPE only: GPT-2, "
                          "Llama 3, SmolLM2, Qwen2)")
@@ -73,6 +82,10 @@ class Tokenizer:
         # ChatML templates that insert a system message when none is given
         self.default_system = default_system
         self.special = dict(enc._special_tokens)  # {text: id}
+        # ASCII characters whose byte has no token (SmolLM2 lacks \x04, \x06 and four more): tiktoken
+        # panics on them, the tokenizers library drops them, and so does `encode`
+        missing = [chr(b) for b in range(128) if bytes([b]) not in enc._mergeable_ranks]
+        self._unencodable = re.compile("[" + re.escape("".join(missing)) + "]") if missing else None
 
     @classmethod
     def from_pretrained(cls, path):
@@ -84,8 +97,10 @@ class Tokenizer:
         try:
             with open(tj_path, encoding="utf-8") as f:
                 tj = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # not JSON, not UTF-8, or an integer of thousands of digits
             raise TokenizerError(f"{tj_path}: not valid JSON ({e})") from None
+        except RecursionError:  # Python's JSON reader recurses once per level of nesting
+            raise TokenizerError(f"{tj_path}: nested too deeply to be a tokenizer.json") from None
         if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
             raise TokenizerError(f"{tj_path}: no \"model\" object; not a tokenizer.json written by the "
                                  "tokenizers library")
@@ -99,6 +114,8 @@ class Tokenizer:
         if not isinstance(vocab, dict) or not isinstance(merges, list) or not isinstance(added, list):
             raise TokenizerError(f"{tj_path}: model.vocab must be an object and model.merges, added_tokens "
                                  "lists")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+            raise TokenizerError(f"{tj_path}: model.vocab must map each token to an integer id")
         if not all(isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int)
                    for t in added):
             raise TokenizerError(f"{tj_path}: every entry of added_tokens needs a string content and an "
@@ -122,7 +139,11 @@ class Tokenizer:
         # and if the merges build every multi-byte entry of the vocabulary, as BPE itself would
         last, built = -1, set()
         for m in merges:
-            a, b = m.split(" ") if isinstance(m, str) else m
+            pair = m.split(" ") if isinstance(m, str) else m  # "a b", or ["a", "b"] as newer versions write
+            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(t, str) for t in pair):
+                raise TokenizerError(f"{tj_path}: merge {m!r} is not a pair of tokens (\"a b\" or "
+                                     "[\"a\", \"b\"])")
+            a, b = pair
             rank = vocab.get(a + b)
             if rank is None or rank <= last:
                 raise TokenizerError(f"{tj_path}: merge {a!r} + {b!r} is out of id order; tiktoken cannot "
@@ -144,7 +165,7 @@ class Tokenizer:
                 try:
                     with open(tc_path, encoding="utf-8") as f:
                         template = json.load(f).get("chat_template") or ""
-                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                except (ValueError, AttributeError, RecursionError) as e:
                     raise TokenizerError(f"{tc_path}: not a valid tokenizer config "
                                          f"({type(e).__name__})") from None
                 # a list of named templates (some checkpoints): the default one
@@ -163,7 +184,10 @@ class Tokenizer:
         return self.enc.n_vocab
 
     def encode(self, text):
-        """Text -> ids. Special-token text stays text (`encode_ordinary`)."""
+        """Text -> ids. Special-token text stays text (`encode_ordinary`). A character whose byte has
+        no token is dropped, as the tokenizers library drops it, the text on either side encoded apart."""
+        if self._unencodable is not None and self._unencodable.search(text):
+            return [i for piece in self._unencodable.split(text) for i in self.enc.encode_ordinary(piece)]
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):

@@ -22,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -37,8 +38,8 @@ import distributed
 import rewards
 import vspo
 from data.problems import DataError
-from rollout import check_finite, completion_logprobs, generate, left_pad, parse_list
-from data.load import chat_prompt, load_behavior, load_examples, load_model_and_tokenizer
+from rollout import NonFiniteLogits, check_finite, completion_logprobs, generate, left_pad, parse_list
+from data.load import chat_prompt, load_behavior, load_examples, load_model_and_tokenizer, sampling_budget
 from steer import load_or_extract
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -89,6 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate the unsteered model every K steps (0: before and after only)")
     p.add_argument("--checkpoint-every", type=int, default=5)
+    p.add_argument("--max-skipped-steps", type=int, default=3,
+                   help="stop after this many steps in a row whose loss or gradient norm is not finite (each "
+                        "is skipped: no optimizer step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default: runs/<behavior>-<algo>-seed<seed>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,7 +110,7 @@ def check_args(args):
     for flag, low in (("steps", 0), ("prompts_per_step", 1), ("group_size", 2), ("updates_per_batch", 1),
                       ("micro_batch", 1),
                       ("max_new_tokens", 1), ("train_layers", 0), ("eval_n", 1), ("eval_every", 0),
-                      ("checkpoint_every", 1)):
+                      ("checkpoint_every", 1), ("max_skipped_steps", 1)):
         if getattr(args, flag) < low:
             why = " (advantages compare the rollouts of a group)" if flag == "group_size" else ""
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {low}{why}")
@@ -115,20 +119,23 @@ def check_args(args):
                          "distribution")
     if not args.lr > 0 or args.beta < 0:
         raise ValueError("--lr must be above 0 and --beta at least 0")
+    if args.algo == "distill" and (args.beta > 0 or args.old_logprobs == "steered"):
+        raise ValueError("--algo distill is maximum likelihood on the teacher's traces: it has no KL term "
+                         "(--beta) and no importance ratio (--old-logprobs steered); drop those flags")
 
 
 def token_budget(args, behavior):
     """--max-new-tokens, else the behaviour's own budget (a length bar needs room above it), else 256."""
-    return args.max_new_tokens if args.max_new_tokens is not None else behavior.get("max_new_tokens", 256)
+    return sampling_budget(behavior, args.max_new_tokens)
 
 
-def check_prompt_lengths(examples, path, prompt_of, args, model):
+def check_prompt_lengths(examples, path, prompt_of, args, model, budget):
     """A problem too long for the model fails here, naming it, rather than in the middle of training."""
     for i, ex in enumerate(examples, 1):
         n = len(prompt_of(ex))
         if n + args.max_new_tokens > model.config.max_seq_len:
             raise ValueError(f"{path}: problem {i} ({ex['question'][:30]!r}...) makes a prompt of {n} "
-                             f"tokens, which with --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                             f"tokens, which with {budget} exceeds the model's "
                              f"{model.config.max_seq_len} positions; shorten or drop it")
 
 
@@ -161,12 +168,23 @@ def with_prompts(r, prompts):
 # Scoring and evaluation
 
 
+class StopRun(Exception):
+    """A failure that ends the run with one line (a reward out of range, steps that keep failing, a
+    write that failed); the last checkpoint stays, and --resume continues from it."""
+
+
 def score(tok, r, examples, behavior, lam):
     """Decode each rollout and score it -> (rewards, accuracies, behaviour scores), each (N,)."""
-    out = [rewards.composite("", rewards.Completion(*c), ex, behavior["name"], lam,
-                             **behavior.get("reward", {}))
-           for c, ex in zip(r.completions(tok), examples)]
+    try:
+        out = [rewards.composite("", rewards.Completion(*c), ex, behavior["name"], lam,
+                                 **behavior.get("reward", {}))
+               for c, ex in zip(r.completions(tok), examples)]
+    except ValueError as e:  # a behaviour score that is not a number in [0, 1]
+        raise StopRun(str(e)) from None
     return torch.tensor(out).T  # (3, N)
+
+
+EVAL_BATCH = 32  # held-out problems per sampler call
 
 
 def evaluate(policy, model, tok, examples, behavior, args, autocast):
@@ -177,17 +195,17 @@ def evaluate(policy, model, tok, examples, behavior, args, autocast):
     d = distributed
     mine = list(range(len(examples)))[args.dist.rank::args.dist.world]
     results = []
-    for i in range(0, len(mine), 32):
-        ids = mine[i:i + 32]
-        chunk = [examples[k] for k in ids]
-        with autocast(), d.full_weights(policy):
+    # FSDP gathers the weights once for the whole loop: ranks may hold different numbers of batches, and a
+    # gather per batch would leave one rank's all-gather unmatched
+    with torch.no_grad(), autocast(), d.full_weights(policy):
+        for i in range(0, len(mine), EVAL_BATCH):
+            ids = mine[i:i + EVAL_BATCH]
+            chunk = [examples[k] for k in ids]
             r = policy(generate, [chat_prompt(tok, ex, behavior) for ex in chunk],
-                       max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, stop_ids=tok.stop_ids, seed=args.seed + 12345,
-                       row_ids=ids,
-                       vocab_size=tok.vocab_size)
-        _, acc, beh = score(tok, r, chunk, behavior, 1.0)
-        results += zip(acc.tolist(), beh.tolist(), r.completion_lens.tolist())
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       stop_ids=tok.stop_ids, seed=args.seed + 12345, row_ids=ids, vocab_size=tok.vocab_size)
+            _, acc, beh = score(tok, r, chunk, behavior, 1.0)
+            results += zip(acc.tolist(), beh.tolist(), r.completion_lens.tolist())
     results = [x for part in d.gather(results) for x in part]
     n = len(results)
     return {"accuracy": sum(a for a, _, _ in results) / n, "behavior": sum(b for _, b, _ in results) / n,
@@ -208,11 +226,93 @@ def remove(path):
         shutil.rmtree(path)
 
 
+def check_writable(out):
+    """Make the run folder and write a file in it, before anything costly runs. -> whether the folder
+    was made here (a run that then fails to start removes it again)."""
+    made = not os.path.exists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".writable-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e}); pass a writable "
+                         "folder") from None
+    return made
+
+
+def append_log(log_path, row, d):
+    """Rank 0 appends the step's row and syncs it to disk before anything else is written (the next
+    checkpoint): a checkpoint never covers a step whose row could still be lost. A failed write is the
+    same error on every rank. Numbers that are not finite are written as null (JSON has no NaN)."""
+    error = None
+    if d.master:
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        try:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            error = f"writing {log_path} failed ({e.strerror or e})"
+    error = distributed.agree(error, d)
+    if error:
+        raise StopRun(error)
+
+
+def read_resume_state(out, start):
+    """-> (eval_before.json, the log's lines before step `start`, the steps among them with no row)."""
+    try:
+        with open(os.path.join(out, "eval_before.json")) as f:
+            before = json.load(f)
+        for key in ("accuracy", "behavior", "length"):
+            if not isinstance(before[key], (int, float)):
+                raise TypeError(key)
+        lines, missing = read_log(os.path.join(out, "log.jsonl"), start)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ValueError(f"{out}: eval_before.json or log.jsonl is missing or damaged, so the run cannot "
+                         "resume; start anew with another --out") from None
+    return before, lines, missing
+
+
+def weights_are_sound(policy, model, probe, d):
+    """Finite weights whose logits on a probe prompt are finite too: what a checkpoint must hold before
+    it replaces the last one. The logits catch weights that are finite but diverged (an update at
+    lr 1e30 leaves weights near 1e30: they pass a finite check, and every matmul overflows)."""
+    with torch.no_grad(), distributed.full_weights(policy):
+        finite_logits = bool(torch.isfinite(model(probe)).all())
+        sound = finite_logits and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return distributed.all_sum(float(not sound), d) == 0  # the same answer on every rank
+
+
+def last_checkpoint(out):
+    """The checkpoint `latest` names, for messages: 'runs/x/checkpoint-5 is kept', or that none exists."""
+    try:
+        with open(os.path.join(out, "latest")) as f:
+            return f"{os.path.join(out, f.read().strip()[:40])} is kept"
+    except OSError:
+        return "no checkpoint was written yet"
+
+
 def save_checkpoint(out, step, model, optimizer, d):
+    """Rank 0 writes checkpoint-<step>, then points `latest` at it, then deletes the older ones; a write
+    that fails (a full disk) is the same one-line error on every rank, and keeps the older one."""
     # under FSDP, all ranks gather
     model_state, optimizer_state = distributed.state_dicts(model, optimizer, d)
-    if not d.master:
-        return
+    error = None
+    if d.master:
+        try:
+            write_checkpoint(out, step, model, model_state, optimizer_state)
+        except OSError as e:
+            error = (f"step {step}: writing the checkpoint failed ({e.strerror or e}); "
+                     f"{last_checkpoint(out)}")
+    error = distributed.agree(error, d)
+    if error:
+        raise ValueError(error)
+
+
+def write_checkpoint(out, step, model, model_state, optimizer_state):
     # temporaries are made anew, never followed: a link left in the run folder cannot redirect a write
     tmp = os.path.join(out, f".checkpoint-{step}.tmp")
     remove(tmp)
@@ -230,7 +330,8 @@ def save_checkpoint(out, step, model, optimizer, d):
                    "w") as f:
         f.write(f"checkpoint-{step}")
     os.replace(latest_tmp, os.path.join(out, "latest"))
-    for name in os.listdir(out):  # keep only the newest
+    # only now, with the new one complete and `latest` naming it, the older ones go
+    for name in os.listdir(out):
         if name.startswith("checkpoint-") and name != f"checkpoint-{step}":
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
@@ -269,23 +370,28 @@ def load_checkpoint(out, model):
 
 
 def read_log(log_path, start):
-    """The log rows before step `start`. A torn last line (a kill or a full disk mid-write) is dropped, as
-    rows past the checkpoint are: the resumed run writes them again. A bad line elsewhere is an error."""
+    """The log rows before step `start`, and the steps among them that have no row. A torn last line (a
+    kill or a full disk mid-write) is dropped, as rows past the checkpoint are: the resumed run writes
+    them again. A bad line elsewhere is an error. Rows are synced before each checkpoint, so a step
+    goes missing only if the disk lost a synced write; the caller says which."""
     lines = open(log_path, errors="replace").read().split("\n")
-    rows = []
+    rows, seen = [], set()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            step = row["step"]
+            step = json.loads(line)["step"]
         except (json.JSONDecodeError, KeyError, TypeError):
             if i >= len(lines) - 2:  # the last line (the text may or may not end with a newline)
                 break
             raise ValueError(f"{log_path}:{i + 1}: not a log row; the run folder is damaged") from None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{log_path}:{i + 1}: step {step!r} is not a step number; the run folder is "
+                             "damaged: start anew with another --out")
         if step < start:
             rows.append(line + "\n")
-    return rows
+            seen.add(step)
+    return rows, sorted(set(range(start)) - seen)
 
 
 def load_optimizer(model, optimizer, state, path, d):
@@ -340,10 +446,17 @@ class Policy(torch.nn.Module):
 def main(argv=None):
     args = parse_args(argv)
     out = args.out or os.path.join(ROOT, "runs", f"{args.behavior}-{args.algo}-seed{args.seed}")
+    made_out, d = False, distributed.Dist()
     try:
         behavior = load_behavior(args.behavior)
+        budget = (f"--max-new-tokens {args.max_new_tokens}" if args.max_new_tokens is not None else
+                  f"max_new_tokens {behavior.get('max_new_tokens', 256)} of the behaviour {args.behavior}")
         args.max_new_tokens = token_budget(args, behavior)
         check_args(args)
+        if behavior.get("reward", {}).get("min_tokens", 0) > args.max_new_tokens:  # verbosity's bar
+            raise ValueError(f"the behaviour {args.behavior} asks for min_tokens "
+                             f"{behavior['reward']['min_tokens']}, more than {budget} allows: it could never "
+                             "be shown; raise --max-new-tokens")
         given_coeffs = parse_list(args.coeffs, "--coeffs") if args.coeffs else None
         if behavior["name"] not in rewards.REWARDS:
             raise ValueError(f"data/behaviors/{args.behavior}.json has no reward function in rewards.py")
@@ -367,6 +480,8 @@ def main(argv=None):
         # under torchrun: one process per device, all of them running this same loop on their share
         d, args.device = distributed.setup(args.device, args.fsdp, args.prompts_per_step)
         args.dist = d
+        # before the model loads: an unwritable --out would otherwise fail only after the first evaluation
+        made_out = distributed.on_master(lambda: check_writable(out), d)
         if d.local_rank != 0:  # the first process of each machine prepares the bundled model alone
             distributed.barrier()
         model, tok = load_model_and_tokenizer(args.model, args.device)
@@ -375,21 +490,19 @@ def main(argv=None):
         # guided sampling and distill's teacher add the behaviour's instruction to the prompt
         instruction = behavior["positive"] if args.algo in ("guided", "distill") else None
         check_prompt_lengths(train_examples, args.data,
-                             lambda ex: chat_prompt(tok, ex, behavior, instruction), args, model)
+                             lambda ex: chat_prompt(tok, ex, behavior, instruction), args, model, budget)
         check_prompt_lengths(eval_examples, args.eval_data, lambda ex: chat_prompt(tok, ex, behavior), args,
-                             model)
+                             model, budget)
         vector = layer = None
         if args.algo == "vspo":  # extracted (or read) once, by rank 0, and sent to the others
-            sv = None
-            if d.master:
-                sv = load_or_extract(model, tok, args.behavior, args.model, layer=args.layer)
-            sv = distributed.broadcast(sv)
+            sv = distributed.on_master(
+                lambda: load_or_extract(model, tok, args.behavior, args.model, layer=args.layer), d)
             vector, layer = sv.scaled_direction().to(args.device), sv.layer
             coeffs = given_coeffs or [0.0, sv.intensity / 2, sv.intensity]
     except (ValueError, OSError, DataError) as e:
+        if made_out and d.master and not os.listdir(out):  # no run started: leave no empty folder behind
+            os.rmdir(out)
         sys.exit(f"error: {e}")
-    if d.master:
-        os.makedirs(out, exist_ok=True)
     torch.manual_seed(args.seed)
     use_bf16 = args.dtype == "bfloat16"
     autocast = lambda: torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16,
@@ -406,6 +519,8 @@ def main(argv=None):
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
     # distill's teacher: the initial model, frozen, sampled as the policy is (a full copy, also under FSDP)
     teacher = Policy(copy.deepcopy(model).requires_grad_(False)) if args.algo == "distill" else None
+    # a prompt to check, before each checkpoint, that the weights still give finite logits
+    probe = torch.tensor([chat_prompt(tok, train_examples[0], behavior)], device=args.device)
     start = 0
     try:
         if args.resume:
@@ -419,153 +534,200 @@ def main(argv=None):
     try:
         if args.resume:
             load_optimizer(model, optimizer, optimizer_state, checkpoint, d)
+            # rank 0 reads what was logged; the rows past the checkpoint are dropped, since the resumed
+            # run writes them again, identically
+            before, lines, missing = distributed.on_master(lambda: read_resume_state(out, start), d)
     except ValueError as e:
         sys.exit(f"error: {e}")
     log_path = os.path.join(out, "log.jsonl")
-    if start == 0:
-        before = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
-        if d.master:
-            with open(os.path.join(out, "args.json"), "w") as f:
-                json.dump({k: v for k, v in vars(args).items() if k != "dist"}, f, indent=1)
-            with open(os.path.join(out, "eval_before.json"), "w") as f:
-                json.dump(before, f)
-            open(log_path, "w").close()
-    elif d.master:  # drop log lines past the checkpoint: the resumed run writes them again, identically
-        try:
-            with open(os.path.join(out, "eval_before.json")) as f:
-                before = json.load(f)
-            lines = read_log(log_path, start)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            sys.exit(f"error: {out}: eval_before.json or log.jsonl is missing or damaged, so the run cannot "
-                     "resume; start anew with another --out")
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+    if d.master and start > 0:
         with open(log_path, "w") as f:
             f.writelines(lines)
-    if d.master:
-        print(f"before training (unsteered, {len(eval_examples)} held-out problems): accuracy "
-              f"{before['accuracy']:.2f}, behaviour {before['behavior']:.2f}, length {before['length']:.0f}")
+        if missing:
+            print(f"warning: {log_path} has no row for step(s) {', '.join(map(str, missing))} (lost "
+                  "before the checkpoint was written); the resumed log will lack them", file=sys.stderr)
 
-    G, P, W = args.group_size, args.prompts_per_step, d.world
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.algo} {args.behavior}",
-               disable=not d.master)
-    for step in bar:
-        t0 = time.time()
-        model.eval()
-        # 1. prompts and the intensity of each rollout; this process takes prompts [rank P/W, (rank+1) P/W)
-        batch = [train_examples[i] for i in batch_indices(len(train_examples), P, step, args.seed)]
-        if args.algo == "vspo":
-            g = torch.Generator().manual_seed(args.seed * 7919 + step)
-            all_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, coeffs, G, step, args.steps, g)
-                                    for _ in batch])
-        else:
-            all_coeffs = torch.zeros(P * G)
-        mine = range(d.rank * P // W, (d.rank + 1) * P // W)
-        batch = [batch[i] for i in mine]
-        # global row ids: what each row's random numbers depend on
-        rows = range(mine.start * G, mine.stop * G)
-        row_coeffs = all_coeffs[mine.start * G:mine.stop * G]
-        plain = [chat_prompt(tok, ex, behavior) for ex in batch]
-        # guided and distill sample with the behaviour's instruction in the prompt
-        sample_prompts = plain
-        if instruction:
-            sample_prompts = [chat_prompt(tok, ex, behavior, instruction) for ex in batch]
-        # 2. rollouts, each row at its own intensity
-        with autocast(), distributed.full_weights(policy):
-            r = (teacher or policy)(generate, sample_prompts, n=G, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, stop_ids=tok.stop_ids,
-                                    seed=args.seed * 1_000_003 + step, vector=vector, layer=layer,
-                                    coeffs=row_coeffs, steer_prompt=args.steer_prompt == "yes",
-                                    row_ids=rows, vocab_size=tok.vocab_size)
-        if instruction:  # trained on the plain prompt
-            r = with_prompts(r, [p for p in plain for _ in range(G)])
-        t_sample = time.time() - t0
-        # 3. rewards
-        row_examples = [ex for ex in batch for _ in range(G)]
-        reward, acc, beh = score(tok, r, row_examples, behavior, args.lam)
-        # 4. group-relative advantages over all G rollouts of a prompt, whatever their intensity
-        advantages, zero_spread = vspo.group_advantages(reward, G, scale=args.advantage)
-        _, behavior_zero_spread = vspo.group_advantages(beh, G)  # groups with no behaviour signal
-        advantages = advantages.to(args.device)
-        keep = (beh >= 0.5).to(args.device)  # distill: the traces that earn the behaviour
-        # 5. the update, on the unsteered policy. The normaliser is the whole batch's (summed over ranks);
-        # DDP and FSDP average gradients over ranks, so each rank's loss is scaled by W to give their sum
-        t1 = time.time()
-        model.train()
-        mask = r.completion_mask[:, r.prompt_width:]
-        normalizer = distributed.all_sum(vspo.loss_normalizer(mask, args.aggregation, args.max_new_tokens), d)
-        N = len(rows)
-        micro = [list(range(i, min(i + args.micro_batch, N))) for i in range(0, N, args.micro_batch)]
-        old, ref, weights = {}, {}, {}
-        with torch.no_grad(), autocast():
-            for mb in micro:
-                if args.updates_per_batch > 1 or args.old_logprobs == "steered":
-                    old[mb[0]] = policy(completion_logprobs, r, mb, args.temperature)[0]
-                if ref_model is not None:
-                    ref[mb[0]] = completion_logprobs(ref_model, r, mb, args.temperature)[0]
-                if args.old_logprobs == "steered":
-                    sampler = r.logprobs[mb, r.prompt_width:]
-                    weights[mb[0]] = vspo.truncated_is_weights(old[mb[0]], sampler, mask[mb])
-        stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
-        for _ in range(args.updates_per_batch):
-            optimizer.zero_grad(set_to_none=True)
-            for mb in micro:
-                with autocast(), distributed.gradient_sync(policy, last=mb is micro[-1]):
-                    logp, ent = policy(completion_logprobs, r, mb, args.temperature)
-                    # maximum likelihood on the teacher's traces that earn the behaviour
-                    if args.algo == "distill":
-                        loss = vspo.sft_loss(logp, keep[mb], mask[mb], normalizer, args.aggregation)
-                        s = {"clip_frac": 0, "kl": 0}
-                    else:
-                        loss, s = vspo.policy_loss(logp, old.get(mb[0], logp.detach()), advantages[mb],
-                                                   mask[mb], normalizer, args.aggregation,
-                                                   ref_logprobs=ref.get(mb[0]), beta=args.beta,
-                                                   is_weights=weights.get(mb[0]))
-                    (loss * W).backward()
-                share = len(mb) / (P * G) / args.updates_per_batch
-                stats["loss"] += loss.item() / args.updates_per_batch
-                stats["clip_frac"] += s["clip_frac"] * share
-                stats["kl"] += s["kl"] * share
-                stats["entropy"] += (ent * mask[mb]).sum().item() / max(1, mask[mb].sum().item()) * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-        t_update = time.time() - t1
-
-        # the log row, from every rank's rows in global order: the row one process would write
-        local = (reward, acc, beh, r.completion_lens.float(), row_coeffs, r.finish_reasons, zero_spread,
-                 t_sample, t_update, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                 behavior_zero_spread)
-        parts = distributed.gather([x.cpu() if torch.is_tensor(x) else x for x in local])
-        reward, acc, beh, lengths, all_coeffs = (torch.cat([p[i] for p in parts]) for i in range(5))
-        finish_reasons = [why for p in parts for why in p[5]]
-        stats = {k: distributed.all_sum(v, d) for k, v in stats.items()}
-        by_coeff = {f"{c:g}": beh[all_coeffs == c].mean().item() for c in sorted(set(all_coeffs.tolist()))}
-        row = {"step": step, "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
-               "accuracy_mean": acc.mean().item(), "behavior_mean": beh.mean().item(),
-               "behavior_by_coeff": by_coeff, "zero_spread_frac": sum(p[6] for p in parts) / P,
-               "behavior_zero_spread_frac": sum(p[10] for p in parts) / P,
-               "length_mean": lengths.mean().item(), "length_max": lengths.max().item(),
-               "truncated_frac": finish_reasons.count("length") / len(finish_reasons),
-               **stats, "grad_norm": grad_norm.item(), "seconds_sample": max(p[7] for p in parts),
-               "seconds_update": max(p[8] for p in parts), "peak_rss_gb": max(p[9] for p in parts)}
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            row["eval"] = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
+    at = "the evaluation before training"  # where the run is, for a message that stops it
+    step, skipped_in_a_row = start, 0
+    try:
+        if start == 0:
+            before = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
+            if d.master:
+                with open(os.path.join(out, "args.json"), "w") as f:
+                    json.dump({k: v for k, v in vars(args).items() if k != "dist"}, f, indent=1)
+                with open(os.path.join(out, "eval_before.json"), "w") as f:
+                    json.dump(before, f)
+                open(log_path, "w").close()
         if d.master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", behavior=f"{row['behavior_mean']:.2f}",
-                        length=f"{row['length_mean']:.0f}")
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-            save_checkpoint(out, step + 1, model, optimizer, d)
+            print(f"before training (unsteered, {len(eval_examples)} held-out problems): accuracy "
+                  f"{before['accuracy']:.2f}, behaviour {before['behavior']:.2f}, length "
+                  f"{before['length']:.0f}")
 
-    after = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
-    model_state, _ = distributed.state_dicts(model, optimizer, d)  # under FSDP, all ranks gather the shards
+        G, P, W = args.group_size, args.prompts_per_step, d.world
+        bar = tqdm(range(start, args.steps), initial=start, total=args.steps,
+                   desc=f"{args.algo} {args.behavior}", disable=not d.master)
+        for step in bar:
+            at = f"step {step}"
+            t0 = time.time()
+            model.eval()
+            # 1. prompts and the intensity of each rollout; this process takes prompts
+            # [rank P/W, (rank+1) P/W)
+            batch = [train_examples[i] for i in batch_indices(len(train_examples), P, step, args.seed)]
+            if args.algo == "vspo":
+                g = torch.Generator().manual_seed(args.seed * 7919 + step)
+                all_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, coeffs, G, step, args.steps, g)
+                                        for _ in batch])
+            else:
+                all_coeffs = torch.zeros(P * G)
+            mine = range(d.rank * P // W, (d.rank + 1) * P // W)
+            batch = [batch[i] for i in mine]
+            # global row ids: what each row's random numbers depend on
+            rows = range(mine.start * G, mine.stop * G)
+            row_coeffs = all_coeffs[mine.start * G:mine.stop * G]
+            plain = [chat_prompt(tok, ex, behavior) for ex in batch]
+            # guided and distill sample with the behaviour's instruction in the prompt
+            sample_prompts = plain
+            if instruction:
+                sample_prompts = [chat_prompt(tok, ex, behavior, instruction) for ex in batch]
+            # 2. rollouts, each row at its own intensity (no_grad: DDP then expects no backward)
+            with torch.no_grad(), autocast(), distributed.full_weights(policy):
+                r = (teacher or policy)(generate, sample_prompts, n=G, max_new_tokens=args.max_new_tokens,
+                                        temperature=args.temperature, stop_ids=tok.stop_ids,
+                                        seed=args.seed * 1_000_003 + step, vector=vector, layer=layer,
+                                        coeffs=row_coeffs, steer_prompt=args.steer_prompt == "yes",
+                                        row_ids=rows, vocab_size=tok.vocab_size)
+            if instruction:  # trained on the plain prompt
+                r = with_prompts(r, [p for p in plain for _ in range(G)])
+            t_sample = time.time() - t0
+            # 3. rewards
+            row_examples = [ex for ex in batch for _ in range(G)]
+            reward, acc, beh = score(tok, r, row_examples, behavior, args.lam)
+            # 4. group-relative advantages over all G rollouts of a prompt, whatever their intensity
+            advantages, zero_spread = vspo.group_advantages(reward, G, scale=args.advantage)
+            _, behavior_zero_spread = vspo.group_advantages(beh, G)  # groups with no behaviour signal
+            advantages = advantages.to(args.device)
+            keep = (beh >= 0.5).to(args.device)  # distill: the traces that earn the behaviour
+            # 5. the update, on the unsteered policy. The normaliser is the whole batch's (summed over
+            # ranks); DDP and FSDP average gradients over ranks, so each rank's loss is scaled by W to
+            # give their sum
+            t1 = time.time()
+            model.train()
+            mask = r.completion_mask[:, r.prompt_width:]
+            normalizer = distributed.all_sum(vspo.loss_normalizer(mask, args.aggregation,
+                                                                  args.max_new_tokens), d)
+            N = len(rows)
+            micro = [list(range(i, min(i + args.micro_batch, N))) for i in range(0, N, args.micro_batch)]
+            old, ref, weights = {}, {}, {}
+            with torch.no_grad(), autocast():
+                for mb in micro:
+                    if args.algo != "distill" and (args.updates_per_batch > 1
+                                                   or args.old_logprobs == "steered"):
+                        old[mb[0]] = policy(completion_logprobs, r, mb, args.temperature)[0]
+                    if ref_model is not None:
+                        ref[mb[0]] = completion_logprobs(ref_model, r, mb, args.temperature)[0]
+                    if args.old_logprobs == "steered":
+                        sampler = r.logprobs[mb, r.prompt_width:]
+                        weights[mb[0]] = vspo.truncated_is_weights(old[mb[0]], sampler, mask[mb])
+            # sums over the completion tokens of every update, so the logged means are token means of
+            # the whole batch, however it is split into micro-batches and ranks
+            sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
+            skipped = False
+            for _ in range(args.updates_per_batch):
+                optimizer.zero_grad(set_to_none=True)
+                update_loss = 0.0
+                for mb in micro:
+                    with autocast(), distributed.gradient_sync(policy, last=mb is micro[-1]):
+                        logp, ent = policy(completion_logprobs, r, mb, args.temperature)
+                        # maximum likelihood on the teacher's traces that earn the behaviour
+                        if args.algo == "distill":
+                            loss = vspo.sft_loss(logp, keep[mb], mask[mb], normalizer, args.aggregation)
+                            s = {"clip_frac": 0, "kl": 0}
+                        else:
+                            loss, s = vspo.policy_loss(logp, old.get(mb[0], logp.detach()), advantages[mb],
+                                                       mask[mb], normalizer, args.aggregation,
+                                                       ref_logprobs=ref.get(mb[0]), beta=args.beta,
+                                                       is_weights=weights.get(mb[0]))
+                        (loss * W).backward()
+                    tokens = mask[mb].sum().item()
+                    update_loss += loss.item()
+                    sums["clip_frac"] += s["clip_frac"] * tokens
+                    sums["kl"] += s["kl"] * tokens
+                    sums["entropy"] += (ent * mask[mb]).sum().item()
+                    sums["tokens"] += tokens
+                sums["loss"] += update_loss / args.updates_per_batch
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                    grad_norm = grad_norm.full_tensor()
+                # A non-finite loss or gradient would write NaN into the weights and AdamW's moments:
+                # skip the optimizer step instead. Both numbers are global (the loss summed over ranks,
+                # the norm of the reduced gradients), so every rank takes the same decision.
+                total_loss = distributed.all_sum(update_loss, d)
+                finite = math.isfinite(total_loss) and math.isfinite(grad_norm.item())
+                if not finite:
+                    skipped = True
+                    optimizer.zero_grad(set_to_none=True)
+                    break
+                optimizer.step()
+            t_update = time.time() - t1
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+
+            # the log row, from every rank's rows in global order: the row one process would write
+            local = (reward, acc, beh, r.completion_lens.float(), row_coeffs, r.finish_reasons, zero_spread,
+                     t_sample, t_update, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                     behavior_zero_spread)
+            parts = distributed.gather([x.cpu() if torch.is_tensor(x) else x for x in local])
+            reward, acc, beh, lengths, all_coeffs = (torch.cat([p[i] for p in parts]) for i in range(5))
+            finish_reasons = [why for p in parts for why in p[5]]
+            sums = {k: distributed.all_sum(v, d) for k, v in sums.items()}
+            n_tokens = max(1.0, sums.pop("tokens"))
+            stats = {"loss": sums.pop("loss"), **{k: v / n_tokens for k, v in sums.items()}}
+            by_coeff = {f"{c:g}": beh[all_coeffs == c].mean().item()
+                        for c in sorted(set(all_coeffs.tolist()))}
+            row = {"step": step, "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
+                   "accuracy_mean": acc.mean().item(), "behavior_mean": beh.mean().item(),
+                   "behavior_by_coeff": by_coeff, "zero_spread_frac": sum(p[6] for p in parts) / P,
+                   "behavior_zero_spread_frac": sum(p[10] for p in parts) / P,
+                   "length_mean": lengths.mean().item(), "length_max": lengths.max().item(),
+                   "truncated_frac": finish_reasons.count("length") / len(finish_reasons),
+                   **stats, "grad_norm": grad_norm.item(), "skipped": skipped,
+                   "seconds_sample": max(p[7] for p in parts), "seconds_update": max(p[8] for p in parts),
+                   "peak_rss_gb": max(p[9] for p in parts)}
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+                row["eval"] = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
+            append_log(log_path, row, d)
+            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", behavior=f"{row['behavior_mean']:.2f}",
+                            length=f"{row['length_mean']:.0f}")
+            if skipped and d.master:
+                tqdm.write(f"warning: step {step} skipped: the loss ({stats['loss']:.3g}) or the gradient "
+                           f"norm ({grad_norm.item():.3g}) is not finite; the weights are unchanged",
+                           file=sys.stderr)
+            if skipped_in_a_row >= args.max_skipped_steps:
+                raise StopRun(f"{skipped_in_a_row} steps in a row (to step {step}) had a loss or gradient "
+                              "norm that is not finite and were skipped (--max-skipped-steps "
+                              f"{args.max_skipped_steps})")
+            if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+                if not weights_are_sound(policy, model, probe, d):
+                    raise StopRun("the update diverged: the weights give non-finite logits, so they are not "
+                                  "checkpointed")
+                save_checkpoint(out, step + 1, model, optimizer, d)
+
+        at = "the evaluation after training"
+        after = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
+        # under FSDP, all ranks gather the shards
+        model_state, _ = distributed.state_dicts(model, optimizer, d)
+        if d.master:  # eval_after.json last: a run folder that has it has its whole final model
+            model.save_pretrained(os.path.join(out, "final"), model_state)
+            with open(os.path.join(out, "eval_after.json"), "w") as f:
+                json.dump(after, f)
+    except NonFiniteLogits as e:
+        sys.exit(f"error: model produced non-finite logits at {at}, row {e.row}: its weights hold NaN or inf "
+                 f"or have diverged ({'check --model' if at.endswith('before training') else 'lower --lr'}); "
+                 f"{last_checkpoint(out)}")
+    except (StopRun, OSError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        sys.exit(f"error: {at}: {why}{where}; {last_checkpoint(out)}: fix the cause, then --resume")
     if d.master:
-        with open(os.path.join(out, "eval_after.json"), "w") as f:
-            json.dump(after, f)
-        model.save_pretrained(os.path.join(out, "final"), model_state)
         print(f"\n| unsteered, {len(eval_examples)} held-out problems | accuracy | behaviour rate | mean "
               "length |")
         print("|---|---|---|---|")

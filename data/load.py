@@ -21,10 +21,14 @@ from model import CheckpointError, Transformer
 from tokenizer import Tokenizer, TokenizerError
 
 BEHAVIOR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "behaviors")
+MAX_BUDGET = 1_000_000  # a ceiling on a behaviour's max_new_tokens; the model's context decides the rest
 
 
 def load_behavior(name):
-    """data/behaviors/<name>.json, checked: its instructions, questions, default layer and intensity."""
+    """data/behaviors/<name>.json, checked before any model is loaded: its instructions, questions, default
+    layer and intensity, its optional token budget, and its "reward" settings against the declaration
+    of the reward its "name" picks (rewards.check_settings). Each problem is a one-line ValueError that
+    names the file and the field."""
     path = os.path.join(BEHAVIOR_DIR, f"{name}.json")
     if not os.path.isfile(path):
         known = sorted(f[:-5] for f in os.listdir(BEHAVIOR_DIR) if f.endswith(".json"))
@@ -33,21 +37,43 @@ def load_behavior(name):
     with open(path, encoding="utf-8") as f:
         try:
             behavior = json.load(f)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # not JSON, not UTF-8, or an integer of thousands of digits
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: nested too deeply to be a behaviour file") from None
     fields = {"name": str, "positive": str, "negative": str, "questions": list, "layer": int,
               "intensity": (int, float)}
     got = behavior if isinstance(behavior, dict) else {}
-    wrong = [k for k, kind in fields.items() if not isinstance(got.get(k), kind)]
+    # JSON true is a Python int, so bools are refused by name
+    wrong = [k for k, kind in fields.items() if not isinstance(got.get(k), kind) or isinstance(got[k], bool)]
     if "intensity" not in wrong and not math.isfinite(got["intensity"]):  # Python's JSON reader accepts NaN
         wrong.append("intensity (not finite)")
-    budget = got.get("max_new_tokens", 1)  # optional: the token budget training uses for this behaviour
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        wrong.append("max_new_tokens (a positive integer when given)")
+    if "layer" not in wrong and got["layer"] < 0:
+        wrong.append("layer (negative)")
     if wrong or not got["questions"]:
         raise ValueError(f"{path}: needs {', '.join(fields)} (see data/behaviors/verbosity.json); missing or "
                          f"mistyped: {', '.join(wrong) or 'questions (empty)'}")
+    # optional: the token budget training uses for this behaviour. The message names the file, since
+    # train.py reports the budget as if it were its --max-new-tokens flag
+    budget = got.get("max_new_tokens", 1)
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= MAX_BUDGET:
+        raise ValueError(f"max_new_tokens in {path} must be an integer from 1 to {MAX_BUDGET}, got "
+                         f"{budget!r}")
+    # "name" picks the reward; accuracy is the task every behaviour is added to, not a behaviour
+    if got["name"] not in rewards.behavior_rewards():
+        raise ValueError(f"{path}: name {got['name']!r} is not a registered behaviour reward; known: "
+                         f"{', '.join(rewards.behavior_rewards())} (rewards.py registers them)")
+    why = rewards.check_settings(got["name"], got.get("reward", {}))
+    if why:
+        raise ValueError(f"{path}: {why}")
     return behavior
+
+
+def sampling_budget(behavior, flag=None):
+    """Tokens per sample: the --max-new-tokens flag if given, else the behaviour's max_new_tokens, else
+    256. train.token_budget applies the same rule; the sweep calls this one, so that it samples under
+    the budget training uses."""
+    return flag if flag is not None else behavior.get("max_new_tokens", 256)
 
 
 def load_model_and_tokenizer(path=None, device="cpu", dtype=torch.float32):

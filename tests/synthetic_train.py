@@ -12,6 +12,8 @@ import sys
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
+import torch  # noqa: E402
+
 import data.load  # noqa: E402
 import rewards  # noqa: E402
 import steer  # noqa: E402
@@ -22,15 +24,31 @@ tmp, argv = sys.argv[1], sys.argv[2:]
 data.load.BEHAVIOR_DIR, steer.VECTOR_DIR = os.path.join(tmp, "behaviors"), os.path.join(tmp, "vectors")
 rewards.REWARDS["synthetic"] = synthetic_reward
 record = os.path.join(tmp, f"rollouts-{os.environ.get('TAG', 'run')}-rank{os.environ.get('RANK', '0')}.jsonl")
-real_generate, real_save = train.generate, train.save_checkpoint
+real_generate, real_save, real_loss = train.generate, train.save_checkpoint, train.vspo.policy_loss
+# STOP_EVERY=K: every K-th token id also ends a rollout, so that rows have many lengths
+extra_stops = tuple(range(3, 400, int(os.environ["STOP_EVERY"]))) if "STOP_EVERY" in os.environ else ()
+# NAN_LOSS_SEED=S: the loss is NaN in the update after the sampler call with seed S (on rank NAN_RANK only)
+nan_seed, nan_rank = int(os.environ.get("NAN_LOSS_SEED", -1)), os.environ.get("NAN_RANK", "0")
+train.EVAL_BATCH = int(os.environ.get("EVAL_BATCH", train.EVAL_BATCH))
+last_seed = None
 
 
-def recording_generate(model, prompts, seed=0, row_ids=None, **kw):
-    r = real_generate(model, prompts, seed=seed, row_ids=row_ids, **kw)
+def recording_generate(model, prompts, seed=0, row_ids=None, stop_ids=(), **kw):
+    global last_seed
+    grad = torch.is_grad_enabled()  # as the policy's wrapper (DDP, FSDP) sees the call
+    r = real_generate(model, prompts, seed=seed, row_ids=row_ids, stop_ids=tuple(stop_ids) + extra_stops, **kw)
     with open(record, "a") as f:
         for i, row in enumerate(row_ids):
-            f.write(json.dumps({"seed": seed, "row": row, "completion": r.completion(i)}) + "\n")
+            f.write(json.dumps({"seed": seed, "row": row, "completion": r.completion(i), "grad": grad}) + "\n")
+    last_seed = seed
     return r
+
+
+def nan_loss_on_one_rank(*a, **kw):
+    loss, s = real_loss(*a, **kw)
+    if last_seed == nan_seed and os.environ.get("RANK", "0") == nan_rank:
+        loss = loss * float("nan")
+    return loss, s
 
 
 def save_then_maybe_die(out, step, *args):
@@ -40,4 +58,5 @@ def save_then_maybe_die(out, step, *args):
 
 
 train.generate, train.save_checkpoint = recording_generate, save_then_maybe_die
+train.vspo.policy_loss = nan_loss_on_one_rank
 train.main(argv)

@@ -25,7 +25,8 @@ def launch(synthetic, out, *flags, procs=1, tag="run", env=None):
     script = os.path.join(HERE, "synthetic_train.py")
     cmd = [sys.executable, script] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                                       str(procs), "--standalone", script]
-    env = {**os.environ, "TAG": tag, "OMP_NUM_THREADS": "1", **(env or {})}
+    # rows of many lengths: the logged token means must not depend on how rows split over processes
+    env = {**os.environ, "TAG": tag, "OMP_NUM_THREADS": "1", "STOP_EVERY": "7", **(env or {})}
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -48,11 +49,12 @@ def log_rows(path):
     return [{k: v for k, v in json.loads(line).items() if k not in NOISE} for line in open(path)]
 
 
-def assert_same_run(tmp, one, two):
+def assert_same_run(tmp, one, two, eval_n=12):
     samples = rollouts(tmp, one)
-    assert samples == rollouts(tmp, two) and sum(map(len, samples.values())) == 4 * 12 + 3 * 12  # steps, 3 evals
+    assert samples == rollouts(tmp, two) and sum(map(len, samples.values())) == 4 * 12 + 3 * eval_n  # steps, evals
     a, b = log_rows(tmp / one / "log.jsonl"), log_rows(tmp / two / "log.jsonl")
     assert len(a) == len(b) == 4
+    assert max(r["length_max"] - r["length_mean"] for r in a) > 0.5  # rows of different lengths
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for k in x:  # the same rollouts and rewards; losses and norms summed in another order
@@ -68,6 +70,9 @@ def test_two_processes_give_the_one_process_run(synthetic):
         done = launch(synthetic, tag, procs=procs, tag=tag)
         assert done.returncode == 0, done.stderr[-2000:]
     assert_same_run(tmp, "one", "two")
+    # sampling and evaluation run without autograd, so DDP prepares no gradient reduction for them
+    assert not any(json.loads(line)["grad"] for name in os.listdir(tmp) if name.startswith("rollouts-two")
+                   for line in open(tmp / name))
     assert "before training" in done.stdout and done.stdout.count("before training") == 1  # rank 0 alone prints
 
 
@@ -107,6 +112,48 @@ def test_bad_distributed_setups_are_one_line_errors(synthetic, monkeypatch):
     for key, value in (("WORLD_SIZE", "3"), ("RANK", "0"), ("LOCAL_RANK", "0")):  # as torchrun sets them
         monkeypatch.setenv(key, value)
     assert "--prompts-per-step 4 does not divide by the 3 processes" in error_of(argv)
+    assert "not started by torchrun: run torchrun --nproc_per_node N" in error_of(argv + ["--prompts-per-step", "3"])
     if not torch.cuda.is_available():
+        for key, value in (("TORCHELASTIC_RUN_ID", "x"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29555")):
+            monkeypatch.setenv(key, value)
         assert "needs NCCL and a CUDA build of torch" in error_of(argv + ["--prompts-per-step", "3", "--device", "cuda"])
     assert not os.path.exists(tmp / "run")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "RANK=(unset): torchrun sets WORLD_SIZE, RANK and LOCAL_RANK to whole numbers"),
+    ({"WORLD_SIZE": "abc", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE=abc: torchrun sets"),
+    ({"WORLD_SIZE": "0", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE=0, RANK=0, LOCAL_RANK=0: a rank must be below"),
+    ({"WORLD_SIZE": "1", "RANK": "3", "LOCAL_RANK": "0"}, "WORLD_SIZE=1, RANK=3, LOCAL_RANK=0: a rank must be below"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE=2 is set, but this process was not started by torchrun"),
+])
+def test_a_misused_environment_is_one_line_before_any_process_group(synthetic, monkeypatch, env, message):
+    """Repros: a KeyError, a ZeroDivisionError, and silent hangs waiting for processes never started."""
+    model, data, tmp = synthetic
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    argv = ["--behavior", "synthetic", "--model", model, "--data", data, "--eval-data", data, "--out", str(tmp / "run"),
+            "--prompts-per-step", "2"]
+    assert message in error_of(argv)
+    assert not torch.distributed.is_initialized()
+
+
+def test_an_error_on_rank_0_alone_reaches_every_rank(synthetic):
+    """Rank 0 alone reads the steering vector; its error used to leave the others waiting in a collective."""
+    done = launch(synthetic, "layer", "--layer", "99", procs=2, tag="layer")
+    assert done.returncode != 0
+    assert done.stderr.count("error: layer 99 is out of range") == 2, done.stderr[-2000:]  # one line per rank
+
+
+def test_fsdp_with_uneven_evaluation_shares_and_a_nan_on_one_rank_gives_the_one_process_run(synthetic):
+    """Repro: each rank gathered the weights once per evaluation batch, so ranks with more batches than
+    others hung in an unmatched all-gather (11 problems in batches of 5: 2 batches on rank 0, 1 on rank
+    1). The NaN loss on rank 1 alone at step 1 must skip that step on both ranks, as in one process."""
+    _, _, tmp = synthetic
+    flags = ("--train-layers", "0", "--eval-n", "11")
+    for procs, tag, extra, rank in ((1, "one", (), "0"), (2, "uneven", ("--fsdp",), "1")):
+        env = {"EVAL_BATCH": "5", "NAN_LOSS_SEED": "1", "NAN_RANK": rank}
+        done = launch(synthetic, tag, *flags, *extra, procs=procs, tag=tag, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_run(tmp, "one", "uneven", eval_n=11)
+    assert [r["skipped"] for r in log_rows(tmp / "uneven" / "log.jsonl")] == [False, True, False, False]

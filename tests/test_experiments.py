@@ -69,9 +69,12 @@ def test_compare_tiny(synthetic, tmp_path):
         assert "eval" in log[0] and "eval" not in log[1]  # step 1 evaluated; the last step's is eval_after.json
     diag = json.load(open(out / "diagnostic.json"))
     assert [r["intensity"] for r in diag["rows"]] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert diag["settings"]["behavior"] == "synthetic" and diag["settings"]["model"] == model
     mtime = os.path.getmtime(out / "vspo-seed0" / "eval_after.json")
     compare.main(argv)  # finished runs are read back, not trained again
     assert os.path.getmtime(out / "vspo-seed0" / "eval_after.json") == mtime
+    message = error_of(compare, [*argv, "--steps", "3"])  # the args.json train.py wrote, against the command
+    assert str(out / "vspo-seed0" / "args.json") in message and "--steps 2" in message and "--steps 3" in message
 
 
 def test_compare_aggregates_seeds_with_standard_errors(synthetic, tmp_path, capsys):
@@ -97,6 +100,281 @@ def test_compare_aggregates_seeds_with_standard_errors(synthetic, tmp_path, caps
     compare.main(argv)  # read back: the same tables, nothing trained again
     tables = lambda text: text[text.index("alignment diagnostic (before"):text.index(" runs, ")]
     assert tables(capsys.readouterr().out) == tables(first)
+
+
+# -----------------------------------------------------------------------------
+# compare.py on run folders built by hand: what it refuses, and how it reads them (nothing is trained)
+
+
+def write_run(out, algo="grpo", seed=0, steps=4, eval_every=2, eval_n=2, behavior="verbosity", final=True):
+    """A finished run folder as train.py and compare.py write one, with made-up numbers: the unsteered
+    behaviour rate at step s is seed / 10 + s / 10, so a row that mixes steps or seeds shows it."""
+    import train
+    from data.load import load_behavior
+    from safetensors.torch import save_file
+
+    folder = out / f"{algo}-seed{seed}"
+    folder.mkdir(parents=True)
+    args = train.parse_args(["--behavior", behavior, "--algo", algo, "--seed", str(seed), "--steps", str(steps),
+                             "--eval-every", str(eval_every), "--eval-n", str(eval_n), "--out", str(folder)])
+    args.max_new_tokens = train.token_budget(args, load_behavior(behavior))
+    (folder / "args.json").write_text(json.dumps(vars(args), indent=1))
+    metrics = lambda step: {"accuracy": 0.5, "behavior": round(seed / 10 + step / 10, 4), "length": 30.0 + step}
+    (folder / "eval_before.json").write_text(json.dumps(metrics(0)))
+    rows = [{"step": i, "behavior_zero_spread_frac": 0.5} for i in range(steps)]
+    for row in rows:
+        if eval_every and (row["step"] + 1) % eval_every == 0 and row["step"] + 1 < steps:
+            row["eval"] = metrics(row["step"] + 1)
+    (folder / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "eval_after.json").write_text(json.dumps(metrics(steps)))
+    (folder / "minutes").write_text("1.5")
+    if final:
+        (folder / "final").mkdir()
+        save_file({"w": torch.zeros(4)}, str(folder / "final" / "model.safetensors"))
+        (folder / "final" / "config.json").write_text("{}")
+    return folder
+
+
+def write_diagnostic(out, **settings):
+    """diagnostic.json as compare.py records it, for the default verbosity command with --eval-n 2."""
+    from data.load import load_behavior
+
+    recorded = dict(behavior="verbosity", model=None, eval_data=os.path.join(ROOT, "data", "math", "test.jsonl"),
+                    eval_n=2, max_new_tokens=load_behavior("verbosity")["max_new_tokens"], temperature=0.5,
+                    steer_prompt="yes", seed=0)
+    recorded.update(settings)
+    row = lambda a: {"layer": 12, "intensity": a, "behavior": a, "accuracy": 0.3, "length": 40.0, "stopped": 1.0,
+                     "ppl": 2.0}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnostic.json").write_text(json.dumps({"layer": 12, "vector_intensity": 0.2, "settings": recorded,
+                                                     "rows": [row(0.0), row(0.1), row(0.2)]}))
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """compare, with training and the diagnostic's sweep made into test failures."""
+    import train
+    from experiments import compare
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this command must not train or compute the diagnostic")
+
+    monkeypatch.setattr(train, "main", refuse)
+    monkeypatch.setattr(compare, "alignment_diagnostic", refuse)
+    return compare
+
+
+def error_of(compare, argv):
+    """The message of compare.main's exit: one line, "error: ..."."""
+    with pytest.raises(SystemExit) as e:
+        compare.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_compare_refuses_runs_and_a_diagnostic_of_another_behavior(tmp_path, no_training):
+    out = tmp_path / "compare"
+    write_run(out)
+    write_diagnostic(out)
+    before = snapshot(out)
+    argv = ["--behavior", "confidence", "--algos", "grpo", "--seeds", "0", "--eval-n", "2", "--out", str(out)]
+    message = error_of(no_training, argv)
+    assert "diagnostic.json" in message and "--behavior verbosity" in message and "--behavior confidence" in message
+    (out / "diagnostic.json").unlink()
+    message = error_of(no_training, argv)
+    assert str(out / "grpo-seed0" / "args.json") in message and "--behavior verbosity" in message
+    assert "--behavior confidence" in message and "another --out" in message
+    del before[out / "diagnostic.json"]
+    assert snapshot(out) == before  # nothing written, nothing lost
+
+
+def test_compare_refuses_runs_of_other_steps(tmp_path, no_training):
+    """The issue's repro: --steps 4 --eval-every 2 for seed 0, then --steps 6 --eval-every 3 for seeds 0,1."""
+    out = tmp_path / "compare"
+    write_run(out, seed=0, steps=4, eval_every=2)
+    write_run(out, seed=1, steps=6, eval_every=3)
+    write_diagnostic(out)
+    base = ["--algos", "grpo", "--seeds", "0,1", "--eval-n", "2", "--out", str(out)]
+    message = error_of(no_training, [*base, "--steps", "6", "--eval-every", "3"])
+    assert str(out / "grpo-seed0") in message and "--steps 4" in message and "--steps 6" in message
+    message = error_of(no_training, [*base, "--steps", "4", "--eval-every", "2"])  # once an IndexError
+    assert str(out / "grpo-seed1") in message and "--steps 6" in message and "--steps 4" in message
+    (out / "diagnostic.json").unlink()
+    message = error_of(no_training, [*base, "--steps", "6", "--eval-every", "3", "--seeds", "1", "--eval-n", "3"])
+    assert str(out / "grpo-seed1") in message and "--eval-n 2" in message and "--eval-n 3" in message
+
+
+def test_compare_refuses_to_resume_a_killed_run_with_other_flags(tmp_path, no_training):
+    out = tmp_path / "compare"
+    folder = write_run(out, final=False)
+    (folder / "eval_after.json").unlink()
+    (folder / "latest").write_text("checkpoint-2")
+    write_diagnostic(out)
+    base = ["--algos", "grpo", "--eval-n", "2", "--out", str(out)]
+    message = error_of(no_training, [*base, "--steps", "6"])
+    assert str(folder / "args.json") in message and "--steps 4" in message and "--steps 6" in message
+    message = error_of(no_training, [*base, "--steps", "4", "--eval-every", "2", "--train-args", "--lr 1e-4"])
+    assert "--lr 5e-05" in message and "--lr 0.0001" in message
+
+
+def test_compare_refuses_a_diagnostic_of_another_model(tmp_path, no_training):
+    out = tmp_path / "compare"
+    write_diagnostic(out)
+    other = tmp_path / "other-model"
+    message = error_of(no_training, ["--algos", "grpo", "--eval-n", "2", "--out", str(out), "--model", str(other)])
+    assert "diagnostic.json" in message and "--model (default)" in message and str(other) in message
+
+
+def test_compare_aligns_seeds_by_their_recorded_steps(tmp_path, capsys):
+    """A safety net under the settings check: seeds evaluated at other steps are never averaged by position."""
+    from experiments import compare
+
+    out = tmp_path / "compare"
+    runs = [dict(compare.read_run(write_run(out, seed=0, steps=4, eval_every=2)), seed=0),
+            dict(compare.read_run(write_run(out, seed=1, steps=6, eval_every=3)), seed=1)]
+    points = compare.curve(runs, "behavior")
+    assert [(step, seeds) for step, seeds, _ in points] == [(0, [0, 1]), (2, [0]), (3, [1]), (4, [0]), (6, [1])]
+    assert [round(m, 4) for _, _, (m, _) in points] == [0.05, 0.2, 0.4, 0.4, 0.7]
+    compare.print_tables(None, {"grpo": runs})
+    text = capsys.readouterr().out
+    assert "| grpo | 0,1 | 0 | 0.05 ± 0.05 |" in text and "| grpo | 0 | 2 | 0.20 |" in text
+    assert "| grpo | 1 | 3 | 0.40 |" in text and "| grpo | 1 | 6 | 0.70 |" in text
+    assert "| grpo | 0.50 | 0.50 | 0.50 | 0.50 | 0.50 | 0.50 |" in text  # training steps 0-5, seed 1 alone at 4, 5
+
+
+def test_compare_header_counts_the_problems_the_runs_used(tmp_path, capsys):
+    from experiments import compare
+
+    out = tmp_path / "compare"
+    write_diagnostic(out)
+    diag = json.load(open(out / "diagnostic.json"))
+    runs = [dict(compare.read_run(write_run(out, eval_n=2)), seed=0)]
+    compare.print_tables(diag, {"grpo": runs})
+    text = capsys.readouterr().out
+    assert "layer 12, 2 held-out problems" in text and "unsteered model on 2 held-out problems" in text
+    assert "48" not in text
+
+
+DAMAGE = {
+    "torn log": ("grpo-seed0/log.jsonl", lambda p: p.write_text(p.read_text()[:-9])),
+    "empty log": ("grpo-seed0/log.jsonl", lambda p: p.write_text("")),
+    "missing log": ("grpo-seed0/log.jsonl", lambda p: p.unlink()),
+    "missing eval_before": ("grpo-seed0/eval_before.json", lambda p: p.unlink()),
+    "eval value a string": ("grpo-seed0/eval_after.json",
+                            lambda p: p.write_text('{"accuracy": "0.5", "behavior": 0.1, "length": 3}')),
+    "eval key missing": ("grpo-seed0/eval_before.json",
+                         lambda p: p.write_text('{"accuracy": 0.5, "behavior": 0.1}')),
+    "log eval a string": ("grpo-seed0/log.jsonl",
+                          lambda p: p.write_text(p.read_text().replace('"length": 32.0', '"length": "x"'))),
+    "torn args": ("grpo-seed0/args.json", lambda p: p.write_text(p.read_text()[:50])),
+    "torn diagnostic": ("diagnostic.json", lambda p: p.write_text(p.read_text()[:50])),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_compare_damaged_files_are_one_line_errors_naming_them(tmp_path, no_training, damage):
+    out = tmp_path / "compare"
+    write_run(out)
+    write_diagnostic(out)
+    name, spoil = DAMAGE[damage]
+    spoil(out / name)
+    before = snapshot(out)
+    for report in ([], ["--report"]):
+        message = error_of(no_training, ["--algos", "grpo", "--steps", "4", "--eval-every", "2", "--eval-n", "2",
+                                         "--out", str(out), *report])
+        assert str(out / name) in message
+    assert snapshot(out) == before
+
+
+def test_compare_unreadable_minutes_is_a_warning(tmp_path, no_training, capsys):
+    out = tmp_path / "compare"
+    folder = write_run(out)
+    (folder / "minutes").write_text("abc")
+    write_diagnostic(out)
+    no_training.main(["--algos", "grpo", "--steps", "4", "--eval-every", "2", "--eval-n", "2", "--out", str(out),
+                      "--plot", str(tmp_path / "c.png")])
+    captured = capsys.readouterr()
+    assert [line for line in captured.err.splitlines() if str(folder / "minutes") in line]
+    assert "| grpo | 0 | 4 | 0.40 |" in captured.out and "1 runs, 0 minutes" in captured.out
+
+
+@pytest.mark.parametrize("flags, named", [(["--behavior", "nosuch"], "unknown behaviour 'nosuch'"),
+                                          (["--seeds", "0,a"], "--seeds '0,a'"),
+                                          (["--seeds", "0,0"], "--seeds '0,0'"),
+                                          (["--algos", "vspo,nosuch"], "--algos 'vspo,nosuch'"),
+                                          (["--steps", "-1"], "--steps must be at least 0"),
+                                          (["--train-args", "--steps 5"], "sets --steps"),
+                                          (["--train-args", "--nosuch 1"], "unrecognized arguments: --nosuch"),
+                                          (["--train-args", "--coeffs 0,a"], "--coeffs '0,a'")])
+def test_compare_bad_flags_are_one_line_errors_before_anything_is_written(tmp_path, no_training, flags, named):
+    out = tmp_path / "compare"
+    assert named in error_of(no_training, ["--out", str(out), *flags])
+    assert not out.exists()
+
+
+def test_compare_report_trains_and_computes_nothing(tmp_path, no_training, capsys):
+    out = tmp_path / "compare"
+    write_run(out, seed=0)
+    killed = write_run(out, seed=1)
+    (killed / "eval_after.json").unlink()
+    (killed / "latest").write_text("checkpoint-2")
+    no_training.main(["--algos", "grpo", "--seeds", "0,1", "--steps", "4", "--eval-every", "2", "--eval-n", "2",
+                      "--out", str(out), "--plot", str(tmp_path / "c.png"), "--report"])
+    captured = capsys.readouterr()
+    assert "no diagnostic.json: the alignment diagnostic is left out" in captured.out
+    assert "| grpo | 0 | 4 | 0.40 |" in captured.out and "| grpo | 0,1 |" not in captured.out
+    assert "left out, not finished: grpo-seed1" in captured.err
+    assert not (out / "diagnostic.json").exists()
+
+
+def test_compare_finished_means_final_loads(tmp_path, no_training, monkeypatch, capsys):
+    """eval_after.json was written before final/: a torn final/ is redone from the last checkpoint, or,
+    without one, an error naming it. A folder without final/ nor checkpoint (docs/evidence) is read."""
+    import train
+    from safetensors.torch import save_file
+
+    out = tmp_path / "compare"
+    folder = write_run(out)
+    write_diagnostic(out)
+    model = folder / "final" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-5])
+    argv = ["--algos", "grpo", "--steps", "4", "--eval-every", "2", "--eval-n", "2", "--out", str(out),
+            "--plot", str(tmp_path / "c.png")]
+    message = error_of(no_training, argv)
+    assert str(folder / "final") in message and "no checkpoint" in message
+    (folder / "latest").write_text("checkpoint-4")
+    calls = []
+    redo_final = lambda argv: calls.append(argv) or save_file({"w": torch.zeros(4)}, str(model))
+    monkeypatch.setattr(train, "main", redo_final)
+    no_training.main(argv)
+    assert len(calls) == 1 and calls[0][-1] == "--resume" and calls[0][calls[0].index("--out") + 1] == str(folder)
+    assert "| grpo | 0 | 4 | 0.40 |" in capsys.readouterr().out
+    bare = write_run(out, seed=1, final=False)  # weights not kept, no checkpoint: its records are read
+    no_training.main([*argv, "--seeds", "0,1", "--report"])
+    captured = capsys.readouterr()
+    assert "| grpo | 0,1 | 4 | 0.45 ± 0.05 |" in captured.out and bare.name in captured.err
+
+
+def test_compare_steps_0(tmp_path, no_training, capsys):
+    out = tmp_path / "compare"
+    write_run(out, steps=0)
+    write_diagnostic(out)
+    no_training.main(["--algos", "grpo", "--steps", "0", "--eval-every", "2", "--eval-n", "2", "--out", str(out),
+                      "--plot", str(tmp_path / "c.png"), "--report"])
+    text = capsys.readouterr().out
+    assert "| grpo | 0 | 0 | 0.00 | 0.50 | 30 |" in text and "share of groups" not in text
+
+
+def test_compare_default_out_is_per_behavior():
+    from experiments import compare
+
+    assert compare.parse_args(["--behavior", "confidence"]).out == os.path.join(ROOT, "runs", "compare-confidence")
+    assert compare.parse_args(["--out", "x"]).out == "x"
 
 
 def test_verbosity_rate_reads_off_shorter_budgets():

@@ -420,3 +420,8 @@ def test_non_float_or_non_finite_weights_are_named(checkpoint_copy, bad, message
     rewrite_tensors(checkpoint_copy, lambda s: s.__setitem__("model.norm.weight", bad))
     msg = load_error(checkpoint_copy)
     assert "model.norm.weight" in msg and message in msg
+
+
+def test_a_deeply_nested_config_is_a_one_line_error(checkpoint_copy):
+    (checkpoint_copy / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # RecursionError in Python's reader
+    assert "config.json: nested too deeply to be a config" in load_error(checkpoint_copy)

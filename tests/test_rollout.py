@@ -184,6 +184,19 @@ def test_too_long_prompt_is_a_clear_error(tiny):
         generate(model, [[1] * 500], max_new_tokens=20)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_non_finite_logits_are_named_with_the_row_not_an_index_error(tiny_chat_model, temperature):
+    """Repro: weights that overflow made the inverse CDF index past the vocabulary (IndexError)."""
+    model, tok = Transformer.from_pretrained(tiny_chat_model), Tokenizer.from_pretrained(tiny_chat_model)
+    with torch.no_grad():
+        model.lm_head.weight[7] = float("nan")  # one token's logit is NaN in every row
+    with pytest.raises(rollout.NonFiniteLogits, match="non-finite logits at row 40, new token 0") as e:
+        generate(model, prompts_of(tok)[:2], n=2, max_new_tokens=4, temperature=temperature, row_ids=[40, 41, 42, 43])
+    assert e.value.row == 40 and e.value.position == 0
+    with pytest.raises(ValueError, match="non-finite logits"):  # the sampler's own guard, below generate
+        rollout.inverse_cdf_sample(torch.tensor([[0.0, float("inf"), 1.0]]), torch.tensor([0.5], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("bad", [dict(n=0), dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
                                  dict(max_new_tokens=-1)])
 def test_bad_sampling_arguments_are_clear_errors(tiny, bad):

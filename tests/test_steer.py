@@ -218,6 +218,9 @@ def test_the_sweep_builds_prompts_as_training_does(tiny, monkeypatch):
     (lambda t, m: m["layers"]["3"].__setitem__("resid_norm", "big"), "has resid_norm 'big', not a positive number"),
     (lambda t, m: m.__setitem__("intensity", float("inf")), "has intensity inf, not a finite number"),
     (lambda t, m: m.__setitem__("chosen_layer", 7), "chosen_layer 7 is not one of its layers"),
+    (lambda t, m: m.pop("hidden_size"), "metadata hidden_size is missing"),  # was "has shape (64,), not (None,)"
+    (lambda t, m: m.__setitem__("hidden_size", "64"), "metadata hidden_size is '64', not a positive integer"),
+    (lambda t, m: m.__setitem__("hidden_size", True), "metadata hidden_size is True, not a positive integer"),
 ])
 def test_damaged_vector_files_are_one_line_errors(synthetic, damage, message):
     import json
@@ -290,3 +293,115 @@ def test_model_and_tokenizer_vocabularies_are_compared(tiny_chat_model, tmp_path
         logp, _ = completion_logprobs(model, r, list(range(4)), temperature=1.0)
         mask = r.completion_mask[:, r.prompt_width:]
         assert (logp - r.logprobs[:, r.prompt_width:])[mask].abs().max().item() <= 1e-4  # the same distribution
+
+
+# -----------------------------------------------------------------------------
+# behaviour files: every setting checked against its reward's declaration, before any model is loaded
+
+BEHAVIOR = {"name": "verbosity", "positive": "p", "negative": "n", "questions": ["q"], "layer": 1, "intensity": 0.5}
+
+
+def write_behavior(tmp_path, monkeypatch, **edit):
+    import json
+
+    monkeypatch.setattr(load, "BEHAVIOR_DIR", str(tmp_path))
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({**BEHAVIOR, **edit}))  # json.dumps writes NaN, as Python's reader accepts it
+    return str(path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    # verbosity always 0, or any answer that stops verbose
+    (dict(reward={"min_tokens": float("nan")}), "reward.min_tokens must be an integer from 1 to 100000, got nan"),
+    (dict(reward={"min_tokens": 1e9}), "reward.min_tokens must be an integer from 1 to 100000, got 1000000000.0"),
+    (dict(reward={"min_tokens": 10**9}), "reward.min_tokens must be an integer from 1 to 100000, got 1000000000"),
+    (dict(reward={"min_tokens": -1}), "reward.min_tokens must be an integer from 1 to 100000, got -1"),
+    (dict(reward={"min_tokens": True}), "reward.min_tokens must be an integer from 1 to 100000, got True"),
+    (dict(reward={"min_distinct": float("inf")}), "reward.min_distinct must be a number from 0.0 to 1.0, got inf"),
+    # a crash hours in, at the first rollout that stops on its own
+    (dict(reward={"min_tokens": "200"}), "reward.min_tokens must be an integer from 1 to 100000, got '200'"),
+    # a TypeError at the first evaluation
+    (dict(reward="min_tokens=200"), "reward must be an object (the settings of verbosity), got str"),
+    (dict(reward=[200]), "reward must be an object (the settings of verbosity), got list"),
+    (dict(reward=None), "reward must be an object (the settings of verbosity), got NoneType"),
+    (dict(reward={"bogus": 1}), "reward.bogus is not a setting of verbosity (its settings: min_tokens, min_distinct)"),
+    (dict(name="confidence", reward={"min_tokens": 200}),
+     "reward.min_tokens is not a setting of confidence (its settings: none)"),
+    (dict(name="expertise", reward={"target": "wizard"}),
+     "reward.target must be one of 'beginner', 'intermediate', 'expert', got 'wizard'"),
+    (dict(name="expertise", reward={"min_words": "25"}), "reward.min_words must be an integer from 1 to 10000, got '25'"),
+    # passed a registry check, then failed at the first evaluation
+    (dict(name="accuracy"),
+     "name 'accuracy' is not a registered behaviour reward; known: verbosity, expertise, confidence, robustness"),
+    (dict(name="sarcasm"), "name 'sarcasm' is not a registered behaviour reward"),
+    (dict(layer=True), "missing or mistyped: layer"),
+    (dict(layer=-1), "missing or mistyped: layer (negative)"),
+])
+def test_behaviour_settings_are_checked_against_the_rewards_declaration(tmp_path, monkeypatch, edit, message):
+    path = write_behavior(tmp_path, monkeypatch, **edit)
+    with pytest.raises(ValueError) as e:
+        load.load_behavior("b")
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("budget", [10**12, 0, True, "384", 1.5])
+def test_a_behaviours_token_budget_is_checked_and_named_as_the_files(tmp_path, monkeypatch, budget):
+    """train.py reports the budget as its flag: the message must say it came from the file."""
+    path = write_behavior(tmp_path, monkeypatch, max_new_tokens=budget)
+    with pytest.raises(ValueError) as e:
+        load.load_behavior("b")
+    assert str(e.value) == f"max_new_tokens in {path} must be an integer from 1 to 1000000, got {budget!r}"
+
+
+def test_declared_settings_in_range_load(tmp_path, monkeypatch):
+    write_behavior(tmp_path, monkeypatch, reward={"min_tokens": 1, "min_distinct": 1}, max_new_tokens=1_000_000)
+    assert load.load_behavior("b")["reward"] == {"min_tokens": 1, "min_distinct": 1}  # an int passes as a float
+    write_behavior(tmp_path, monkeypatch, name="expertise", reward={"target": "expert", "min_words": 10_000})
+    assert load.load_behavior("b")["reward"]["target"] == "expert"
+    write_behavior(tmp_path, monkeypatch, name="robustness")  # "reward" is optional
+    assert load.load_behavior("b")["name"] == "robustness"
+
+
+def test_a_reward_registered_without_a_declaration_takes_no_settings(tmp_path, monkeypatch):
+    import rewards
+
+    monkeypatch.setitem(rewards.REWARDS, "plain", lambda prompt, completion, example: 1.0)
+    write_behavior(tmp_path, monkeypatch, name="plain", reward={})
+    assert load.load_behavior("b")["name"] == "plain"
+    path = write_behavior(tmp_path, monkeypatch, name="plain", reward={"min_tokens": 5})
+    with pytest.raises(ValueError) as e:
+        load.load_behavior("b")
+    assert str(e.value) == f"{path}: reward.min_tokens is not a setting of plain (its settings: none)"
+
+
+def test_a_deeply_nested_behaviour_file_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(load, "BEHAVIOR_DIR", str(tmp_path))
+    (tmp_path / "b.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="b.json: nested too deeply to be a behaviour file$"):
+        load.load_behavior("b")
+
+
+def test_steer_checks_the_behaviour_before_loading_a_model(tmp_path, monkeypatch):
+    write_behavior(tmp_path, monkeypatch, reward={"min_tokens": "200"})
+    monkeypatch.setattr("sys.argv", ["steer.py", "--behavior", "b", "--model", str(tmp_path / "no-model"), "--sweep"])
+    with pytest.raises(SystemExit) as e:
+        steer.main()
+    assert "b.json: reward.min_tokens must be" in str(e.value.code)  # not the missing model
+
+
+@pytest.mark.parametrize("file_budget,flags,want", [(None, [], 256), (7, [], 7), (7, ["--max-new-tokens", "5"], 5)])
+def test_the_sweep_samples_under_the_budget_training_uses(synthetic, monkeypatch, file_budget, flags, want):
+    """The flag if given, else the behaviour's max_new_tokens, else 256: train.token_budget's rule."""
+    import json
+
+    model_path, data, tmp = synthetic
+    behavior = load.load_behavior("synthetic")
+    if file_budget is not None:  # the vectors stay valid: the definition hash covers instructions and questions
+        (tmp / "behaviors" / "synthetic.json").write_text(json.dumps(dict(behavior, max_new_tokens=file_budget)))
+    seen = []
+    monkeypatch.setattr(steer, "sweep", lambda *args, **kw: seen.append(args[7]) or ({}, []))
+    monkeypatch.setattr("sys.argv", ["steer.py", "--behavior", "synthetic", "--model", model_path, "--data", data,
+                                     "--sweep", "--questions", "2", *flags])
+    steer.main()
+    assert seen == [want]
+    assert load.sampling_budget({"max_new_tokens": 384}) == 384 and load.sampling_budget({"max_new_tokens": 384}, 0) == 0

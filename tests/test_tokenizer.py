@@ -69,6 +69,14 @@ def test_ids_equal_tokenizers_library(pair):
         assert tok.encode(s) == ref.encode(s, add_special_tokens=False).ids, repr(s)
 
 
+def test_characters_without_a_token_are_dropped_as_the_tokenizers_library_drops_them(pair):
+    """SmolLM2 has no token for the bytes \\x04, \\x06, \\x13, \\x14, \\x16 and \\x1d: tiktoken panicked on data
+    text holding one (a PanicException, not even an Exception); `tokenizers` drops the character."""
+    tok, ref, _ = pair
+    for s in ("a\x04b caf\u00e9 \x06", "x \x04\x04y", "The\x14 cat\x1d\x1dsat.\n\x06\n", "\x04", "tab\there"):
+        assert tok.encode(s) == ref.encode(s, add_special_tokens=False).ids, repr(s)
+
+
 def test_decode_inverts_encode(pair):
     tok, _, _ = pair
     for s in CORPUS:
@@ -200,3 +208,47 @@ def test_broken_tokenizer_config_is_a_one_line_error(tmp_path):
     byte_level(tmp_path, added=[("<|im_start|>", 256), ("<|im_end|>", 257)])
     (tmp_path / "tokenizer_config.json").write_text("{broken")
     assert "tokenizer_config.json: not a valid tokenizer config" in tokenizer_error(tmp_path)
+
+
+def test_a_deeply_nested_tokenizer_json_is_a_one_line_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)  # RecursionError in Python's reader
+    assert "tokenizer.json: nested too deeply" in tokenizer_error(tmp_path)
+
+
+@pytest.mark.parametrize("merge", ["a b c", "ab", ["a", "b", "c"], ["a", 1], 5])
+def test_a_merge_that_is_not_a_pair_is_a_one_line_error(tmp_path, merge):
+    byte_level(tmp_path, extra=["ab"], merges=[merge])
+    assert f"merge {merge!r} is not a pair of tokens" in tokenizer_error(tmp_path)
+
+
+@pytest.mark.parametrize("pre", [[{"type": "ByteLevel"}], "ByteLevel",
+                                 {"type": "Sequence", "pretokenizers": {"type": "ByteLevel"}},
+                                 {"type": "Sequence", "pretokenizers": ["ByteLevel"]}])
+def test_a_pre_tokenizer_that_is_not_an_object_is_a_one_line_error(tmp_path, pre):
+    byte_level(tmp_path, pre_tokenizer=pre)
+    assert "pre_tokenizer must be an object" in tokenizer_error(tmp_path)
+
+
+def test_an_invalid_split_regex_is_a_one_line_error(tmp_path):
+    for pattern in ({"Regex": "(abc"}, {"Regex": r"\p{Nonsense}"}):
+        byte_level(tmp_path, pre_tokenizer={"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": pattern, "behavior": "Isolated"},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]})
+        assert "the Split pre-tokenizer's regex is not valid (" in tokenizer_error(tmp_path)
+    byte_level(tmp_path, pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": "not an object", "behavior": "Isolated"},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]})
+    assert "a Split pre-tokenizer needs a Regex pattern; 'not an object'" in tokenizer_error(tmp_path)
+
+
+def test_a_vocabulary_with_non_integer_ids_is_a_one_line_error(tmp_path):
+    tj = byte_level(tmp_path)
+    tj["model"]["vocab"]["a"] = "97"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    assert "model.vocab must map each token to an integer id" in tokenizer_error(tmp_path)
+
+
+def test_a_deeply_nested_tokenizer_config_is_a_one_line_error(tmp_path):
+    byte_level(tmp_path, added=[("<|im_start|>", 256), ("<|im_end|>", 257)])
+    (tmp_path / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "tokenizer_config.json: not a valid tokenizer config (RecursionError)" in tokenizer_error(tmp_path)

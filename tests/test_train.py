@@ -256,3 +256,216 @@ def test_links_in_a_run_folder_never_redirect_a_write(synthetic, tmp_path):
     argv = ["--behavior", "synthetic", "--model", model, "--data", data, "--eval-data", data, "--out", str(other)]
     assert "log.jsonl is a link; a run folder holds its own files only" in error_of(argv)
     assert precious.read_text() == "keep me"
+
+
+# -----------------------------------------------------------------------------
+# non-finite steps: skipped, never written into the weights, the optimizer or a checkpoint
+
+
+def argv_of(synthetic, algo, out, *extra):
+    model, data, _ = synthetic
+    return ["--behavior", "synthetic", "--algo", algo, "--model", model, "--data", data, "--eval-data", data,
+            "--steps", "4", "--prompts-per-step", "2", "--group-size", "6", "--coeffs", "0,20,40",
+            "--max-new-tokens", "6", "--temperature", "1.0", "--lr", "3e-3", "--eval-n", "12", "--micro-batch", "5",
+            "--seed", "0", "--out", str(out), *extra]
+
+
+def finite_checkpoint(path):
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    return all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_a_non_finite_loss_is_skipped_leaving_weights_and_moments_untouched(synthetic, monkeypatch):
+    _, _, tmp = synthetic
+    states, real_save, real_loss = {}, train.save_checkpoint, train.vspo.policy_loss
+    step = {"now": 0}
+
+    def recording_save(out, k, model, optimizer, d):  # the weights and AdamW state after each step
+        states[k] = ({n: p.detach().clone() for n, p in model.named_parameters()},
+                     {i: {n: v.clone() for n, v in s.items()} for i, s in optimizer.state_dict()["state"].items()})
+        step["now"] = k
+        real_save(out, k, model, optimizer, d)
+
+    def nan_at_step_1(logp, *a, **kw):
+        loss, s = real_loss(logp, *a, **kw)
+        return (loss * float("nan") if step["now"] == 1 else loss), s
+
+    monkeypatch.setattr(train, "save_checkpoint", recording_save)
+    monkeypatch.setattr(train.vspo, "policy_loss", nan_at_step_1)
+    train.main(argv_of(synthetic, "vspo", tmp / "run", "--checkpoint-every", "1"))
+    log = [json.loads(line) for line in open(tmp / "run" / "log.jsonl")]
+    assert [r["skipped"] for r in log] == [False, True, False, False]
+    assert log[1]["loss"] is None and log[1]["grad_norm"] is None  # JSON has no NaN: written as null
+    (w1, m1), (w2, m2), (w3, _) = states[1], states[2], states[3]
+    assert all(torch.equal(w1[n], w2[n]) for n in w1)  # the skipped step changed nothing
+    assert all(torch.equal(m1[i][n], m2[i][n]) for i in m1 for n in m1[i])
+    assert any(not torch.equal(w2[n], w3[n]) for n in w2)  # the next step trains again
+    assert finite_checkpoint(tmp / "run" / "final")
+
+
+def test_steps_that_stay_non_finite_stop_the_run_and_keep_the_last_good_checkpoint(synthetic):
+    """Repro: --algo distill --lr 1e30. The first update leaves the weights near 1e30, every later loss is
+    NaN; the run used to log NaN, write NaN checkpoints and die in the sampler."""
+    _, _, tmp = synthetic
+    behavior = json.loads((tmp / "behaviors" / "synthetic.json").read_text())
+    (tmp / "behaviors" / "synthetic.json").write_text(json.dumps(dict(behavior, positive="Q " * 40)))
+    msg = error_of(argv_of(synthetic, "distill", tmp / "run", "--lr", "1e30", "--steps", "8", "--checkpoint-every", "6"))
+    assert "error: step 3: 3 steps in a row (to step 3) had a loss or gradient norm that is not finite" in msg
+    assert "no checkpoint was written yet" in msg
+    log = [json.loads(line) for line in open(tmp / "run" / "log.jsonl")]
+    assert [r["skipped"] for r in log] == [False, True, True, True]
+    assert not os.path.exists(tmp / "run" / "eval_after.json") and not os.path.exists(tmp / "run" / "final")
+
+
+def test_a_diverged_update_is_never_checkpointed_and_the_run_resumes_from_the_last_good_one(synthetic, monkeypatch):
+    """Repro: --lr 1e30. The weights become finite but near 1e30: they passed every load check, the
+    rotation deleted the last good checkpoint, and every --resume died in the sampler."""
+    _, _, tmp = synthetic
+    real_adamw = torch.optim.AdamW
+
+    class DivergesAtItsSecondStep(real_adamw):
+        def step(self, *a, **kw):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2:
+                for group in self.param_groups:
+                    group["lr"] = 1e30
+            return super().step(*a, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", DivergesAtItsSecondStep)
+    argv = argv_of(synthetic, "vspo", tmp / "run", "--checkpoint-every", "1")  # steering: a gradient at once
+    msg = error_of(argv)
+    assert "step 1: the update diverged: the weights give non-finite logits" in msg
+    assert f"{tmp / 'run' / 'checkpoint-1'} is kept" in msg
+    assert (tmp / "run" / "latest").read_text() == "checkpoint-1" and finite_checkpoint(tmp / "run" / "checkpoint-1")
+    assert sorted(n for n in os.listdir(tmp / "run") if n.startswith("checkpoint")) == ["checkpoint-1"]
+    monkeypatch.setattr(torch.optim, "AdamW", real_adamw)
+    train.main(argv + ["--resume"])  # from the kept checkpoint, to the end
+    assert finite_checkpoint(tmp / "run" / "final") and len(open(tmp / "run" / "log.jsonl").readlines()) == 4
+    # without a checkpoint in between, the sampler of the next step names the problem
+    msg = error_of(argv_of(synthetic, "vspo", tmp / "no_checkpoint", "--lr", "1e30"))
+    assert "model produced non-finite logits at step 1, row " in msg and "lower --lr" in msg
+
+
+def test_a_reward_that_returns_nan_stops_the_run_and_keeps_the_last_checkpoint(synthetic, monkeypatch):
+    import rewards
+
+    _, _, tmp = synthetic
+    broken = {"now": False}
+    real_save = train.save_checkpoint
+
+    def save_then_break_the_reward(out, k, *a):
+        real_save(out, k, *a)
+        broken["now"] = k == 2
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_break_the_reward)
+    monkeypatch.setitem(rewards.REWARDS, "synthetic", lambda p, c, ex: float("nan") if broken["now"] else 0.0)
+    argv = argv_of(synthetic, "grpo", tmp / "run", "--checkpoint-every", "2")
+    msg = error_of(argv)
+    assert "error: step 2: behaviour reward 'synthetic' returned nan" in msg and "checkpoint-2 is kept" in msg
+    assert finite_checkpoint(tmp / "run" / "checkpoint-2")
+    monkeypatch.setitem(rewards.REWARDS, "synthetic", lambda p, c, ex: 0.0)  # the reward fixed
+    train.main(argv + ["--resume"])
+    assert finite_checkpoint(tmp / "run" / "final")
+
+
+def test_a_checkpoint_whose_weights_overflow_is_named_before_training(synthetic, tmp_path):
+    """Repro: q and k weights scaled by 1e20 load (they are finite), then overflow in attention."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model, data, _ = synthetic
+    bad = tmp_path / "overflow"
+    shutil.copytree(model, bad)
+    weights = load_file(bad / "model.safetensors")
+    for name in weights:
+        if "q_proj" in name or "k_proj" in name:
+            weights[name] = weights[name] * 1e20
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    msg = error_of(argv_of(synthetic, "grpo", tmp_path / "run") + ["--model", str(bad)])
+    assert "model produced non-finite logits at the evaluation before training, row " in msg and "check --model" in msg
+
+
+def test_logged_means_are_token_means_whatever_the_micro_batch_split(synthetic, monkeypatch):
+    """Repro: entropy, clip_frac and kl were row-weighted means of micro-batch means, so --micro-batch (and
+    the number of processes) changed the logged value; with rows of different lengths they must not."""
+    _, _, tmp = synthetic
+    real_generate = train.generate
+
+    def frequent_stops(model, prompts, stop_ids=(), **kw):  # a seventh of the ids stop: rows of many lengths
+        return real_generate(model, prompts, stop_ids=tuple(stop_ids) + tuple(range(3, 400, 7)), **kw)
+
+    monkeypatch.setattr(train, "generate", frequent_stops)
+    rows = {}
+    for micro in ("5", "12"):
+        train.main(argv_of(synthetic, "vspo", tmp / micro, "--steps", "1", "--micro-batch", micro, "--beta", "0.1",
+                           "--updates-per-batch", "2"))
+        rows[micro] = json.loads(open(tmp / micro / "log.jsonl").readline())
+    assert rows["5"]["length_max"] > rows["5"]["length_mean"]  # rows of different lengths
+    for key in ("entropy", "kl", "clip_frac", "loss"):
+        assert rows["5"][key] == pytest.approx(rows["12"][key], rel=1e-5, abs=1e-7), key
+    assert rows["5"]["kl"] > 0  # the second update moved away from the reference
+
+
+def test_distill_refuses_the_flags_it_would_ignore(synthetic, tmp_path):
+    for flags in (["--beta", "0.1"], ["--old-logprobs", "steered"]):
+        assert "--algo distill is maximum likelihood" in error_of(argv_of(synthetic, "distill", tmp_path / "run", *flags))
+
+
+def test_an_unwritable_out_fails_before_the_model_loads(synthetic, monkeypatch):
+    def never(*a, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(train, "load_model_and_tokenizer", never)
+    assert "--out /proc/vspo-run: cannot write there" in error_of(argv_of(synthetic, "vspo", "/proc/vspo-run"))
+
+
+def test_a_budget_from_the_behaviour_is_named_as_such(synthetic):
+    _, _, tmp = synthetic
+    behavior = json.loads((tmp / "behaviors" / "synthetic.json").read_text())
+    (tmp / "behaviors" / "synthetic.json").write_text(json.dumps(dict(behavior, max_new_tokens=600)))
+    argv = argv_of(synthetic, "vspo", tmp / "run")
+    del argv[argv.index("--max-new-tokens"):argv.index("--max-new-tokens") + 2]
+    msg = error_of(argv)
+    assert "with max_new_tokens 600 of the behaviour synthetic exceeds the model's 512 positions" in msg
+    assert "--max-new-tokens" not in msg
+
+
+def test_resume_checks_log_steps_and_names_a_lost_row(synthetic, capsys):
+    _, _, tmp = synthetic
+    train.main(argv_of(synthetic, "vspo", tmp / "run", "--steps", "2", "--checkpoint-every", "2"))
+    resume = argv_of(synthetic, "vspo", tmp / "run", "--steps", "3", "--checkpoint-every", "2", "--resume")
+    log = (tmp / "run" / "log.jsonl").read_text().splitlines()
+    for bad, shown in (('"0"', "'0'"), ("null", "None")):
+        (tmp / "run" / "log.jsonl").write_text(log[0].replace('"step": 0', f'"step": {bad}', 1) + "\n" + log[1] + "\n")
+        assert f"log.jsonl:1: step {shown} is not a step number" in error_of(resume)
+    # the row of step 1, torn by a power loss after checkpoint-2 was written: resumed, and said
+    (tmp / "run" / "log.jsonl").write_text(log[0] + "\n" + log[1][:20])
+    capsys.readouterr()
+    train.main(resume)
+    assert "has no row for step(s) 1" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in open(tmp / "run" / "log.jsonl")] == [0, 2]
+
+
+def test_a_final_model_cut_short_is_not_a_finished_run(synthetic, monkeypatch):
+    """eval_after.json is written last: a run folder that has it has its whole final model."""
+    import errno
+
+    from model import Transformer as T
+
+    _, _, tmp = synthetic
+    real_save = T.save_pretrained
+
+    def disk_full_for_final(self, path, *a, **kw):
+        if os.path.basename(path) == "final":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_save(self, path, *a, **kw)
+
+    monkeypatch.setattr(T, "save_pretrained", disk_full_for_final)
+    argv = argv_of(synthetic, "vspo", tmp / "run", "--steps", "2", "--checkpoint-every", "2")
+    msg = error_of(argv)
+    assert "error: the evaluation after training: No space left on device" in msg and "checkpoint-2 is kept" in msg
+    assert not os.path.exists(tmp / "run" / "eval_after.json")
+    monkeypatch.setattr(T, "save_pretrained", real_save)
+    train.main(argv + ["--resume"])  # nothing left to train: evaluates and saves
+    assert os.path.isfile(tmp / "run" / "eval_after.json") and finite_checkpoint(tmp / "run" / "final")
