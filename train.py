@@ -692,6 +692,8 @@ def main(argv=None):
                    **stats, "grad_norm": grad_norm.item(), "skipped": skipped,
                    "seconds_sample": max(p[7] for p in parts), "seconds_update": max(p[8] for p in parts),
                    "peak_rss_gb": max(p[9] for p in parts)}
+            if args.algo == "distill":  # a step that keeps no trace trains nothing: say so in its row
+                row["kept_traces"] = int((beh >= 0.5).sum())
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
                 row["eval"] = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
             append_log(log_path, row, d)
@@ -727,6 +729,12 @@ def main(argv=None):
         why = e.strerror if isinstance(e, OSError) and e.strerror else e
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
         sys.exit(f"error: {at}: {why}{where}; {last_checkpoint(out)}: fix the cause, then --resume")
+    if d.master and args.algo == "distill" and args.steps > 0:
+        kept = sum(json.loads(line).get("kept_traces", 0) for line in open(log_path))
+        if kept == 0:
+            print(f"warning: no step kept a teacher trace (none scored >= 0.5 on {args.behavior}), so the "
+                  "policy was never trained; a looser behaviour bar or another instruction may help",
+                  file=sys.stderr)
     if d.master:
         print(f"\n| unsteered, {len(eval_examples)} held-out problems | accuracy | behaviour rate | mean "
               "length |")

@@ -469,3 +469,19 @@ def test_a_final_model_cut_short_is_not_a_finished_run(synthetic, monkeypatch):
     monkeypatch.setattr(T, "save_pretrained", real_save)
     train.main(argv + ["--resume"])  # nothing left to train: evaluates and saves
     assert os.path.isfile(tmp / "run" / "eval_after.json") and finite_checkpoint(tmp / "run" / "final")
+
+
+def test_distill_logs_the_traces_it_keeps_and_warns_when_it_kept_none(synthetic, monkeypatch, capsys):
+    """Repro: a behaviour no teacher trace earns left distill logging loss 0.0 at every step and
+    'finishing' untrained without a word."""
+    import rewards
+
+    _, _, tmp = synthetic
+    monkeypatch.setitem(rewards.REWARDS, "synthetic", lambda p, c, ex: 0.0)
+    train.main(argv_of(synthetic, "distill", tmp / "none", "--steps", "2"))
+    assert [json.loads(line)["kept_traces"] for line in open(tmp / "none" / "log.jsonl")] == [0, 0]
+    assert "warning: no step kept a teacher trace" in capsys.readouterr().err
+    monkeypatch.setitem(rewards.REWARDS, "synthetic", lambda p, c, ex: float(len(c.text) % 2))
+    train.main(argv_of(synthetic, "distill", tmp / "some", "--steps", "2"))
+    assert all(json.loads(line)["kept_traces"] > 0 for line in open(tmp / "some" / "log.jsonl"))
+    assert "no step kept" not in capsys.readouterr().err
