@@ -186,15 +186,15 @@ def broadcast(obj):
     return box[0]
 
 
-def on_master(fn, d, errors=(ValueError, OSError)):
+def on_master(fn, d, errors=(ValueError, OSError), raise_as=ValueError):
     """fn() run by rank 0 alone, its result on every rank. If it fails with one of `errors`, every rank
-    raises the same one-line ValueError: the others would otherwise wait in their next collective, for
-    a result that never comes, until the timeout. In one process: fn()."""
+    raises the same one-line `raise_as` error: the others would otherwise wait in their next
+    collective, for a result that never comes. In one process: fn()."""
     if not is_distributed():
         try:
             return fn()
         except errors as e:
-            raise ValueError(str(e)) from None
+            raise raise_as(str(e)) from None
     result = error = None
     if d.master:
         try:
@@ -203,7 +203,7 @@ def on_master(fn, d, errors=(ValueError, OSError)):
             error = str(e)
     error, result = broadcast((error, result))
     if error is not None:
-        raise ValueError(error)
+        raise raise_as(error)
     return result
 
 

@@ -21,6 +21,7 @@ fine and produces subtly wrong text; a loud error costs a minute.
 
 import json
 import math
+import time
 import os
 import re
 from contextlib import contextmanager
@@ -435,9 +436,10 @@ class Transformer(nn.Module):
         h, _ = self.hidden(tokens, positions, padding_mask, kv_cache, steer)
         return self.lm_head(h)
 
-    def prepacked(self):
-        """A speed device for CPU decoding; results unchanged. See `prepacked` at the end of the file."""
-        return prepacked(self)
+    def prepacked(self, dtype=torch.float32):
+        """A speed device for CPU sampling; see `prepacked` at the end of the file. fp32: results
+        unchanged; bf16: the matmuls in bf16, as autocast computes them."""
+        return prepacked(self, dtype)
 
     def drop_packed(self):
         drop_packed(self)
@@ -671,62 +673,111 @@ def _check_and_convert(model, found, path):
 
 
 # -----------------------------------------------------------------------------
-# Speed device: weights prepacked for oneDNN, for the sampler's decode steps on the CPU. A reader can
-# skip this section: `Linear` is `nn.Linear`, and `prepacked(model)` changes which kernel computes it.
+# Speed device: weights prepacked for oneDNN, for the sampler on the CPU. A reader can skip this
+# section: `Linear` is `nn.Linear`, and `prepacked(model)` changes which kernel computes it.
 
 
 class Linear(nn.Linear):
     """nn.Linear, plus a copy of the weight prepacked for oneDNN that `prepacked` switches on.
-    Plain equivalent: `F.linear(x, weight, bias)`, which it computes whenever the copy is off."""
+    Plain equivalent: `F.linear(x, weight, bias)`, which it computes whenever the copy is off; with a
+    bf16 copy, `F.linear(x.bfloat16(), weight.bfloat16(), bias).float()`, as autocast computes it."""
     packed = None  # the prepacked copy
-    packed_from = None  # (the weight it was made from, that weight's version counter then)
+    packed_bias = None  # the bias in the copy's dtype
+    packed_from = None  # (the weight it was made from, its and the bias's version counters then, dtype)
     use_packed = False  # set inside `prepacked`
 
     def forward(self, x):
         if not self.use_packed or torch.is_grad_enabled():  # the copy is detached: never differentiate it
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.packed.dtype), self.packed, self.packed_bias, "none",
+                                                [], "")
+        return y.to(x.dtype)  # the residual stream, norms, attention and the KV cache stay fp32
 
-    def pack(self):
-        """Make the packed copy, unless the one we have was made from this very weight, unchanged since:
-        the same storage (kept alive by `packed_from`, so its address cannot be reused) and the same
-        version counter, which every in-place write (an optimizer step, load_state_dict) increments."""
-        w = self.weight
+    def pack(self, dtype=torch.float32):
+        """Make the packed copy, unless the one we have was made from this very weight, unchanged since,
+        in this dtype: the same storage (kept alive by `packed_from`, so its address cannot be reused)
+        and the same version counter, which every in-place write (an optimizer step, load_state_dict)
+        increments."""
+        w, b = self.weight, self.bias
+        key = (w._version, None if b is None else b._version, dtype)
         made_from = self.packed_from
-        if made_from is None or made_from[0].data_ptr() != w.data_ptr() or made_from[1] != w._version:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
-            self.packed_from = (w.detach(), w._version)
+        if made_from is None or made_from[0].data_ptr() != w.data_ptr() or made_from[1:] != key:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype))
+            self.packed_bias = None if b is None else b.detach().to(dtype)
+            self.packed_from = (w.detach(), *key)
 
     def __getstate__(self):
         # the packed copy is a cache of the weight (and oneDNN's tensors cannot be copied): copies of the
         # model (copy.deepcopy, as for a frozen reference policy) leave it behind and pack their own
-        skip = ("packed", "packed_from", "use_packed")
+        skip = ("packed", "packed_bias", "packed_from", "use_packed")
         return {k: v for k, v in super().__getstate__().items() if k not in skip}
 
 
+def can_prepack(model, dtype=torch.float32):
+    """Whether `prepacked(model, dtype)` changes anything here: fp32 weights on a CPU with oneDNN, no
+    autocast around it, and for bf16 a oneDNN build that computes bf16 matmuls."""
+    weight = model.lm_head.weight
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
+            and (dtype == torch.float32 or (dtype == torch.bfloat16
+                                            and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
+
+
+def bf16_speedup(repeats=7):
+    """How many times faster this CPU multiplies in bf16 than in fp32, measured now at a SmolLM2-sized
+    weight (1536 x 576): with prepacked copies at a decode step's 32 rows, as the sampler does, and
+    plainly at an update's 512 rows, as autocast does. The smaller of the two ratios, each of the best
+    of `repeats` runs per side, the sides alternating so that other work on the machine slows both.
+    0 where oneDNN has no bf16 matmul. train.py's --dtype auto takes bf16 above 1.5x: native bf16
+    (AVX512-BF16, AMX) measures 2-3x, emulated bf16 about 0.5x (docs/speed.md)."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return 0.0
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(1536, 576, generator=gen) * 0.02
+    packed = {dt: torch.ops.mkldnn._reorder_linear_weight(w.to(dt)) for dt in (torch.float32, torch.bfloat16)}
+    mm = lambda x, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+    x, y, wb = torch.randn(32, 576, generator=gen), torch.randn(512, 576, generator=gen), w.bfloat16()
+    pairs = ((lambda: [mm(x, packed[torch.float32]) for _ in range(20)],
+              lambda: [mm(x.bfloat16(), packed[torch.bfloat16]) for _ in range(20)]),
+             (lambda: [F.linear(y, w) for _ in range(4)],
+              lambda: [F.linear(y.bfloat16(), wb) for _ in range(4)]))
+    ratios = []
+    with torch.no_grad():
+        for fp32, bf16 in pairs:
+            best = [float("inf"), float("inf")]
+            for k in range(repeats + 1):  # round 0 warms up (oneDNN compiles its kernels)
+                for side, fn in enumerate((fp32, bf16)):
+                    t0 = time.perf_counter()
+                    fn()
+                    if k:
+                        best[side] = min(best[side], time.perf_counter() - t0)
+            ratios.append(best[0] / best[1])
+    return min(ratios)
+
+
 @contextmanager
-def prepacked(model):
-    """Inside this block, no-grad fp32 forward passes on the CPU multiply with copies of the weights
-    reordered once into oneDNN's blocked layout. Plain equivalent: nothing (`nullcontext()`); every
-    product is the same `F.linear`, computed by another kernel.
+def prepacked(model, dtype=torch.float32):
+    """Inside this block, no-grad forward passes on the CPU multiply with copies of the weights
+    reordered once into oneDNN's blocked layout, in `dtype`. Plain equivalent: nothing
+    (`nullcontext()`) for fp32, where every product is the same `F.linear` computed by another kernel;
+    for bf16, autocast's bf16 matmuls (fp32 weights cast to bf16, the products cast back to fp32).
 
     Why: a plain matmul repacks its weight into such panels at every call, and with decoding's few rows
     that repacking is a large share of the call (docs/speed.md measures it; at a prefill's hundreds of
-    rows it does not pay). The copies outlive the block and are remade only for weights that changed
-    since (`Linear.pack`), so after a training step of the last blocks the other blocks are reused. The
-    price is a second copy of the weights in memory. Elsewhere (GPU, bf16 weights or autocast, no
-    oneDNN) it changes nothing. Writes through `.data` bypass the version counter and are not seen:
-    change weights in place under torch.no_grad(), as optimizers do, or call `drop_packed` after."""
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    weight = model.lm_head.weight
-    if not (weight.device.type == "cpu" and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available()
-            and not torch.is_autocast_enabled("cpu")):
+    rows it does not pay in fp32). Autocast also casts every weight to bf16 at every call, which on
+    a CPU costs more than the bf16 matmul saves; the bf16 copies are cast once. The copies outlive the
+    block and are remade only for weights that changed since (`Linear.pack`), so after a training step
+    of the last blocks the other blocks are reused. The price is a second copy of the weights in
+    memory. Elsewhere (GPU, bf16 weights or autocast, no oneDNN) it changes nothing. Writes through
+    `.data` bypass the version counter and are not seen: change weights in place under
+    torch.no_grad(), as optimizers do, or call `drop_packed` after."""
+    if not can_prepack(model, dtype):
         yield
         return
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
     try:
         for m in linears:
-            m.pack()
+            m.pack(dtype)
             m.use_packed = True
         yield
     finally:
@@ -739,4 +790,4 @@ def drop_packed(model):
     (FSDP2's all-gather into the gathered weights): the next `prepacked` block packs them afresh."""
     for m in model.modules():
         if isinstance(m, Linear):
-            m.packed = m.packed_from = None
+            m.packed = m.packed_bias = m.packed_from = None

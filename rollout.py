@@ -134,7 +134,7 @@ def left_pad(seqs, device):
 def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
              seed=0,
              vector=None, layer=None, coeffs=None, steer_prompt=True, compact_fraction=0.25, row_ids=None,
-             vocab_size=None):
+             vocab_size=None, dtype=torch.float32):
     """Sample n completions for each prompt (a list of id lists) and return `Rollouts`.
 
     Randomness: row r draws from its own stream, keyed by (seed, row_ids[r]) (default: r), so the same
@@ -148,6 +148,10 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     vocab_size: sample only ids below it (the tokenizer's vocabulary), when the model's embedding has
     padding rows beyond it (Qwen2.5: 151,936 rows for 151,665 ids); the log-probs are then those of the
     distribution over real ids, and `completion_logprobs` scores with the same restriction.
+    dtype: the matmuls' dtype on a CPU. bfloat16 multiplies with a bf16 copy of each weight, made once
+    and kept while the weight is unchanged (model.prepacked), as autocast would compute them but
+    without casting every weight at every step; the residual stream and the KV cache stay fp32. On a
+    GPU the caller's autocast decides instead.
     """
     device = next(model.parameters()).device
     B, N = len(prompts), len(prompts) * n
@@ -184,10 +188,12 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     cache = KVCache(model.config, len(unique), P, device=device, dtype=next(model.parameters()).dtype)
     steer = Steer(vector, layer,
                   torch.tensor([c for _, c in unique], device=device)) if steering and steer_prompt else None
-    h, _ = model.hidden(tokens, positions=positions, padding_mask=pmask if padded else None, kv_cache=cache,
-                        steer=steer)
-    # only the last position: the vocabulary projection is the costliest matmul
-    logits = model.lm_head(h[:, -1])
+    bf16 = dtype == torch.bfloat16  # then every matmul, the prefill's too, uses the bf16 copies
+    with model.prepacked(dtype) if bf16 else contextlib.nullcontext():
+        h, _ = model.hidden(tokens, positions=positions, padding_mask=pmask if padded else None,
+                            kv_cache=cache, steer=steer)
+        # only the last position: the vocabulary projection is the costliest matmul
+        logits = model.lm_head(h[:, -1])
     V = min(vocab_size or logits.size(-1), logits.size(-1))
     cache.select(row_to_prefix, P + max_new_tokens)
     logits = logits[row_to_prefix]  # (N, V)
@@ -202,11 +208,11 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_k=0, 
     stopped = torch.zeros(N, dtype=torch.bool, device=device)
     active = torch.arange(N, device=device)  # the output row of each cache row
     alive = torch.ones(N, dtype=torch.bool, device=device)  # cache rows that have not stopped yet
-    # Speed only, results unchanged: weights prepacked for few-row matmuls (model.prepacked; not for
-    # one row, a matrix-vector product it does not speed up), and inference mode, which skips autograd's
+    # Speed only: weights prepacked for few-row matmuls (model.prepacked; in fp32 not for one row, a
+    # matrix-vector product it does not speed up), and inference mode, which skips autograd's
     # bookkeeping on the many small ops of each step. Tensors made in inference mode cannot be saved for
     # backward, so only this loop runs in it: it writes into output tensors made outside it.
-    with torch.inference_mode(), model.prepacked() if N > 1 else contextlib.nullcontext():
+    with torch.inference_mode(), model.prepacked(dtype) if N > 1 or bf16 else contextlib.nullcontext():
         for t in range(max_new_tokens):
             # NaN or inf anywhere in a row shows in its maximum; without this check the sampler would
             # index past the vocabulary, far from the cause
@@ -266,10 +272,11 @@ def completion_logprobs(model, r, rows, temperature, chunk=512):
     (unsteered), at the sampling temperature. Only completion positions reach the vocabulary
     projection, in chunks whose logits are recomputed in backward rather than kept (activation
     checkpointing): peak memory holds one (chunk, vocab) block, not (rows, time, vocab)."""
-    P = r.prompt_width
-    h, _ = model.hidden(r.tokens[rows], positions=r.positions[rows], padding_mask=r.padding_mask[rows])
-    h = h[:, P - 1:-1]  # (n, G, C): the state before each completion token predicts it
-    targets, mask = r.tokens[rows, P:], r.completion_mask[rows, P:]
+    P, G = r.prompt_width, r.tokens.size(1) - r.prompt_width
+    tokens, positions, padding_mask, start, end = trimmed(r, rows)
+    h, _ = model.hidden(tokens, positions=positions, padding_mask=padding_mask)
+    h = h[:, P - start - 1:-1]  # (n, end - P, C): the state before each completion token predicts it
+    targets, mask = r.tokens[rows, P:end], r.completion_mask[rows, P:end]
     h_sel, t_sel = h[mask], targets[mask]  # (M, C), (M,)
     logp, ent = [h_sel.new_zeros(0, dtype=torch.float32)], [h_sel.new_zeros(0, dtype=torch.float32)]
     for i in range(0, len(t_sel), chunk):
@@ -277,8 +284,22 @@ def completion_logprobs(model, r, rows, temperature, chunk=512):
                            t_sel[i:i + chunk], temperature, use_reentrant=False)
         logp.append(lp)
         ent.append(e)
-    zeros = torch.zeros(mask.shape, device=h.device)
-    return zeros.masked_scatter(mask, torch.cat(logp)), zeros.masked_scatter(mask, torch.cat(ent))
+    full_mask = r.completion_mask[rows, P:]  # (n, G): the same tokens, in the same order, as `mask`
+    zeros = torch.zeros(len(rows), G, device=h.device)
+    return zeros.masked_scatter(full_mask, torch.cat(logp)), zeros.masked_scatter(full_mask, torch.cat(ent))
+
+
+def trimmed(r, rows):
+    """The columns of `rows` that are not padding in all of them -> (tokens, positions, padding mask
+    or None, first column, end column). Speed only: the plain equivalent is every column, 0 to P + G,
+    whose extra padding the attention mask hides anyway. With rows sorted by length into
+    micro-batches (train.py), a micro-batch of short answers is not computed at the longest one's
+    width."""
+    start = r.prompt_width - int(r.prompt_lens[rows].max())
+    end = r.prompt_width + int(r.completion_mask[rows].sum(1).max())
+    padding_mask = r.padding_mask[rows, start:end]
+    return (r.tokens[rows, start:end], r.positions[rows, start:end],
+            None if bool(padding_mask.all()) else padding_mask, start, end)
 
 
 # -----------------------------------------------------------------------------

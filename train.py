@@ -19,11 +19,13 @@ behaviour, and trains the plain-prompt policy on them by maximum likelihood.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
+import platform
 import random
 import re
 import resource
@@ -40,6 +42,7 @@ import vspo
 from data.problems import DataError
 from rollout import NonFiniteLogits, check_finite, completion_logprobs, generate, left_pad, parse_list
 from data.load import chat_prompt, load_behavior, load_examples, load_model_and_tokenizer, sampling_budget
+from model import bf16_speedup
 from steer import load_or_extract
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -96,8 +99,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default: runs/<behavior>-<algo>-seed<seed>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="autocast dtype (weights stay fp32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype; weights and AdamW state stay fp32. bfloat16: the sampler multiplies "
+                        "with bf16 copies of the weights, the update runs under autocast. auto: bfloat16 "
+                        "where this machine's bf16 matmul is clearly faster (docs/speed.md), else float32; "
+                        "a resumed run keeps its own")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
@@ -122,6 +128,61 @@ def check_args(args):
     if args.algo == "distill" and (args.beta > 0 or args.old_logprobs == "steered"):
         raise ValueError("--algo distill is maximum likelihood on the teacher's traces: it has no KL term "
                          "(--beta) and no importance ratio (--old-logprobs steered); drop those flags")
+
+
+def compute_dtype(args, out):
+    """--dtype auto -> "float32" or "bfloat16", and why. A resumed run keeps the dtype its args.json
+    recorded. A new one takes bf16 on a GPU that supports it, and on a CPU whose bf16 matmul is over
+    1.5x its fp32 one: measured once per machine and kept (machine_bf16_speedup), since a timing taken
+    while other work runs could otherwise give two runs on one machine different numerics."""
+    if args.dtype != "auto":
+        return args.dtype, "--dtype"
+    if args.resume:
+        try:
+            with open(os.path.join(out, "args.json")) as f:
+                recorded = json.load(f)["dtype"]
+            if recorded in ("float32", "bfloat16"):
+                return recorded, "the run's args.json"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        raise ValueError(f"{out}/args.json: no dtype recorded, so --dtype auto cannot keep the run's own; "
+                         "pass --dtype float32 or bfloat16 (float32 for a run of an older train.py)")
+    if torch.device(args.device).type == "cuda":
+        return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), "auto: the GPU's bf16 support"
+    speedup, where = machine_bf16_speedup()
+    return ("bfloat16" if speedup > 1.5 else "float32"), f"auto: bf16 matmul {speedup:.2f}x fp32 ({where})"
+
+
+def machine_bf16_speedup():
+    """model.bf16_speedup, measured on this machine's first run and read back by every later one from
+    $XDG_CACHE_HOME/vspo (default ~/.cache/vspo), keyed by the CPU, torch's version and its threads.
+    -> (speedup, where it came from). Delete the file to measure again."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    key = f"{cpu} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vspo",
+                        "bf16_speedup.json")
+    try:
+        with open(path) as f:
+            known = json.load(f)
+        if isinstance(known.get(key), (int, float)):
+            return float(known[key]), f"measured on this machine, kept in {path}"
+    except (OSError, ValueError, AttributeError):
+        known = {}
+    speedup = bf16_speedup()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        known = known if isinstance(known, dict) else {}
+        with open(path + ".tmp", "w") as f:
+            json.dump({**known, key: speedup}, f, indent=1)
+        os.replace(path + ".tmp", path)
+        return speedup, f"measured now, kept in {path}"
+    except OSError:  # a read-only home: measured for this run only
+        return speedup, "measured now"
 
 
 def token_budget(args, behavior):
@@ -168,6 +229,13 @@ def with_prompts(r, prompts):
 # Scoring and evaluation
 
 
+@dataclasses.dataclass
+class Sampling:
+    """How the sampler computes: its matmul dtype (rollout.generate's `dtype`) and the context around it."""
+    dtype: torch.dtype
+    context: object  # a function returning a context manager
+
+
 class StopRun(Exception):
     """A failure that ends the run with one line (a reward out of range, steps that keep failing, a
     write that failed); the last checkpoint stays, and --resume continues from it."""
@@ -187,7 +255,7 @@ def score(tok, r, examples, behavior, lam):
 EVAL_BATCH = 32  # held-out problems per sampler call
 
 
-def evaluate(policy, model, tok, examples, behavior, args, autocast):
+def evaluate(policy, model, tok, examples, behavior, args, sampling):
     """The unsteered model on held-out problems, sampled at the training temperature with a fixed seed.
     Under torchrun each rank samples every W-th problem, under the problem's index as its row id, and
     the results are gathered: the same samples as one process."""
@@ -197,13 +265,14 @@ def evaluate(policy, model, tok, examples, behavior, args, autocast):
     results = []
     # FSDP gathers the weights once for the whole loop: ranks may hold different numbers of batches, and a
     # gather per batch would leave one rank's all-gather unmatched
-    with torch.no_grad(), autocast(), d.full_weights(policy):
+    with torch.no_grad(), sampling.context(), d.full_weights(policy):
         for i in range(0, len(mine), EVAL_BATCH):
             ids = mine[i:i + EVAL_BATCH]
             chunk = [examples[k] for k in ids]
             r = policy(generate, [chat_prompt(tok, ex, behavior) for ex in chunk],
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       stop_ids=tok.stop_ids, seed=args.seed + 12345, row_ids=ids, vocab_size=tok.vocab_size)
+                       stop_ids=tok.stop_ids, seed=args.seed + 12345, row_ids=ids, vocab_size=tok.vocab_size,
+                       dtype=sampling.dtype)
             _, acc, beh = score(tok, r, chunk, behavior, 1.0)
             results += zip(acc.tolist(), beh.tolist(), r.completion_lens.tolist())
     results = [x for part in d.gather(results) for x in part]
@@ -261,6 +330,29 @@ def append_log(log_path, row, d):
         raise StopRun(error)
 
 
+def start_run_folder(out, args, before):
+    """Rank 0 writes what a new run starts with: its arguments, the evaluation before training, an
+    empty log."""
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if k != "dist"}, f, indent=1)
+    with open(os.path.join(out, "eval_before.json"), "w") as f:
+        json.dump(before, f)
+    open(os.path.join(out, "log.jsonl"), "w").close()
+
+
+def resume_log(out, start):
+    """Rank 0's part of a resume: read eval_before.json, and rewrite log.jsonl with only its rows before
+    step `start` (the resumed run writes the later ones again, identically). -> eval_before.json."""
+    before, lines, missing = read_resume_state(out, start)
+    log_path = os.path.join(out, "log.jsonl")
+    with open(log_path, "w") as f:
+        f.writelines(lines)
+    if missing:
+        print(f"warning: {log_path} has no row for step(s) {', '.join(map(str, missing))} (lost before the "
+              "checkpoint was written); the resumed log will lack them", file=sys.stderr)
+    return before
+
+
 def read_resume_state(out, start):
     """-> (eval_before.json, the log's lines before step `start`, the steps among them with no row)."""
     try:
@@ -287,12 +379,13 @@ def weights_are_sound(policy, model, probe, d):
 
 
 def last_checkpoint(out):
-    """The checkpoint `latest` names, for messages: 'runs/x/checkpoint-5 is kept', or that none exists."""
+    """What a run that stops keeps, and what to do next, for its message."""
     try:
         with open(os.path.join(out, "latest")) as f:
-            return f"{os.path.join(out, f.read().strip()[:40])} is kept"
+            return f"{os.path.join(out, f.read().strip()[:40])} is kept: fix the cause, then --resume"
     except OSError:
-        return "no checkpoint was written yet"
+        return (f"no checkpoint was written yet: fix the cause, then start again (delete {out} or pass "
+                "another --out)")
 
 
 def save_checkpoint(out, step, model, optimizer, d):
@@ -305,11 +398,10 @@ def save_checkpoint(out, step, model, optimizer, d):
         try:
             write_checkpoint(out, step, model, model_state, optimizer_state)
         except OSError as e:
-            error = (f"step {step}: writing the checkpoint failed ({e.strerror or e}); "
-                     f"{last_checkpoint(out)}")
+            error = f"writing checkpoint-{step} failed ({e.strerror or e})"
     error = distributed.agree(error, d)
     if error:
-        raise ValueError(error)
+        raise StopRun(error)
 
 
 def write_checkpoint(out, step, model, model_state, optimizer_state):
@@ -482,6 +574,8 @@ def main(argv=None):
         args.dist = d
         # before the model loads: an unwritable --out would otherwise fail only after the first evaluation
         made_out = distributed.on_master(lambda: check_writable(out), d)
+        # decided once, by rank 0, so that every rank computes in the same dtype
+        args.dtype, args.dtype_chosen_by = distributed.on_master(lambda: compute_dtype(args, out), d)
         if d.local_rank != 0:  # the first process of each machine prepares the bundled model alone
             distributed.barrier()
         model, tok = load_model_and_tokenizer(args.model, args.device)
@@ -505,8 +599,14 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     torch.manual_seed(args.seed)
     use_bf16 = args.dtype == "bfloat16"
+    # the update: autocast's bf16 matmuls over fp32 master weights (mixed precision)
     autocast = lambda: torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16,
                                       enabled=use_bf16)
+    # sampling: on a CPU the sampler's own bf16 copies of the weights (rollout.generate's dtype), which
+    # autocast would recast at every decode step; on a GPU, autocast
+    on_cpu = torch.device(args.device).type == "cpu"
+    sampling = Sampling(dtype=torch.bfloat16 if use_bf16 and on_cpu else torch.float32,
+                        context=contextlib.nullcontext if on_cpu else autocast)
 
     # which parameters learn: all, or the last K blocks (+ final norm) to save compute on a CPU
     if args.train_layers:
@@ -536,28 +636,19 @@ def main(argv=None):
             load_optimizer(model, optimizer, optimizer_state, checkpoint, d)
             # rank 0 reads what was logged; the rows past the checkpoint are dropped, since the resumed
             # run writes them again, identically
-            before, lines, missing = distributed.on_master(lambda: read_resume_state(out, start), d)
+            before = distributed.on_master(lambda: resume_log(out, start), d)
     except ValueError as e:
         sys.exit(f"error: {e}")
     log_path = os.path.join(out, "log.jsonl")
-    if d.master and start > 0:
-        with open(log_path, "w") as f:
-            f.writelines(lines)
-        if missing:
-            print(f"warning: {log_path} has no row for step(s) {', '.join(map(str, missing))} (lost "
-                  "before the checkpoint was written); the resumed log will lack them", file=sys.stderr)
 
+    if d.master:
+        print(f"compute dtype: {args.dtype} ({args.dtype_chosen_by}); weights and AdamW state in float32")
     at = "the evaluation before training"  # where the run is, for a message that stops it
     step, skipped_in_a_row = start, 0
     try:
         if start == 0:
-            before = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
-            if d.master:
-                with open(os.path.join(out, "args.json"), "w") as f:
-                    json.dump({k: v for k, v in vars(args).items() if k != "dist"}, f, indent=1)
-                with open(os.path.join(out, "eval_before.json"), "w") as f:
-                    json.dump(before, f)
-                open(log_path, "w").close()
+            before = evaluate(policy, model, tok, eval_examples, behavior, args, sampling)
+            distributed.on_master(lambda: start_run_folder(out, args, before), d, raise_as=StopRun)
         if d.master:
             print(f"before training (unsteered, {len(eval_examples)} held-out problems): accuracy "
                   f"{before['accuracy']:.2f}, behaviour {before['behavior']:.2f}, length "
@@ -590,12 +681,12 @@ def main(argv=None):
             if instruction:
                 sample_prompts = [chat_prompt(tok, ex, behavior, instruction) for ex in batch]
             # 2. rollouts, each row at its own intensity (no_grad: DDP then expects no backward)
-            with torch.no_grad(), autocast(), distributed.full_weights(policy):
+            with torch.no_grad(), sampling.context(), distributed.full_weights(policy):
                 r = (teacher or policy)(generate, sample_prompts, n=G, max_new_tokens=args.max_new_tokens,
                                         temperature=args.temperature, stop_ids=tok.stop_ids,
                                         seed=args.seed * 1_000_003 + step, vector=vector, layer=layer,
                                         coeffs=row_coeffs, steer_prompt=args.steer_prompt == "yes",
-                                        row_ids=rows, vocab_size=tok.vocab_size)
+                                        row_ids=rows, vocab_size=tok.vocab_size, dtype=sampling.dtype)
             if instruction:  # trained on the plain prompt
                 r = with_prompts(r, [p for p in plain for _ in range(G)])
             t_sample = time.time() - t0
@@ -616,7 +707,13 @@ def main(argv=None):
             normalizer = distributed.all_sum(vspo.loss_normalizer(mask, args.aggregation,
                                                                   args.max_new_tokens), d)
             N = len(rows)
-            micro = [list(range(i, min(i + args.micro_batch, N))) for i in range(0, N, args.micro_batch)]
+            # rows sorted by length into micro-batches, each computed at its own width (rollout.trimmed):
+            # the loss is a sum over rows with one normaliser, so the grouping changes nothing but speed
+            order = sorted(range(N), key=lambda i: int(r.completion_lens[i]))
+            micro = [order[i:i + args.micro_batch] for i in range(0, N, args.micro_batch)]
+            # the rows the sampler drew as the learner scores them (unsteered, plain prompt): their
+            # log-probs differ only by numerics (bf16 sampler, other kernels), logged as a mismatch
+            same_policy = (r.coeffs == 0) if not instruction else torch.zeros(N, dtype=torch.bool)
             old, ref, weights = {}, {}, {}
             with torch.no_grad(), autocast():
                 for mb in micro:
@@ -630,9 +727,10 @@ def main(argv=None):
                         weights[mb[0]] = vspo.truncated_is_weights(old[mb[0]], sampler, mask[mb])
             # sums over the completion tokens of every update, so the logged means are token means of
             # the whole batch, however it is split into micro-batches and ranks
-            sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
-            skipped = False
-            for _ in range(args.updates_per_batch):
+            sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0,
+                    "mismatch": 0.0, "mismatch_tokens": 0.0}
+            skipped, mismatch_max = False, 0.0
+            for u in range(args.updates_per_batch):
                 optimizer.zero_grad(set_to_none=True)
                 update_loss = 0.0
                 for mb in micro:
@@ -649,6 +747,12 @@ def main(argv=None):
                                                        is_weights=weights.get(mb[0]))
                         (loss * W).backward()
                     tokens = mask[mb].sum().item()
+                    if u == 0:  # sampler against learner, |log p| apart per token
+                        gap = (logp.detach() - r.logprobs[mb, r.prompt_width:]).abs()
+                        gap = gap[mask[mb] & same_policy[mb, None].to(mask.device)]
+                        sums["mismatch"] += gap.sum().item()
+                        sums["mismatch_tokens"] += gap.numel()
+                        mismatch_max = max(mismatch_max, gap.max().item() if gap.numel() else 0.0)
                     update_loss += loss.item()
                     sums["clip_frac"] += s["clip_frac"] * tokens
                     sums["kl"] += s["kl"] * tokens
@@ -670,6 +774,7 @@ def main(argv=None):
                 optimizer.step()
             t_update = time.time() - t1
             skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            applied = u if skipped else args.updates_per_batch  # updates before the non-finite one
 
             # the log row, from every rank's rows in global order: the row one process would write
             local = (reward, acc, beh, r.completion_lens.float(), row_coeffs, r.finish_reasons, zero_spread,
@@ -679,6 +784,10 @@ def main(argv=None):
             reward, acc, beh, lengths, all_coeffs = (torch.cat([p[i] for p in parts]) for i in range(5))
             finish_reasons = [why for p in parts for why in p[5]]
             sums = {k: distributed.all_sum(v, d) for k, v in sums.items()}
+            mismatch_tokens, mismatch = sums.pop("mismatch_tokens"), sums.pop("mismatch")
+            mismatch = {"logprob_mismatch_mean": mismatch / mismatch_tokens if mismatch_tokens else None,
+                        "logprob_mismatch_max": max(distributed.gather(mismatch_max))
+                        if mismatch_tokens else None}
             n_tokens = max(1.0, sums.pop("tokens"))
             stats = {"loss": sums.pop("loss"), **{k: v / n_tokens for k, v in sums.items()}}
             by_coeff = {f"{c:g}": beh[all_coeffs == c].mean().item()
@@ -689,20 +798,26 @@ def main(argv=None):
                    "behavior_zero_spread_frac": sum(p[10] for p in parts) / P,
                    "length_mean": lengths.mean().item(), "length_max": lengths.max().item(),
                    "truncated_frac": finish_reasons.count("length") / len(finish_reasons),
-                   **stats, "grad_norm": grad_norm.item(), "skipped": skipped,
+                   **stats, **mismatch, "grad_norm": grad_norm.item(), "skipped": skipped,
+                   "skipped_in_a_row": skipped_in_a_row,
+                   "dtype": args.dtype,
                    "seconds_sample": max(p[7] for p in parts), "seconds_update": max(p[8] for p in parts),
                    "peak_rss_gb": max(p[9] for p in parts)}
-            if args.algo == "distill":  # a step that keeps no trace trains nothing: say so in its row
+            if args.algo == "distill":  # a step that keeps no trace has no loss: say so
                 row["kept_traces"] = int((beh >= 0.5).sum())
+                if row["kept_traces"] == 0 and d.master:
+                    tqdm.write(f"warning: step {step} kept no teacher trace: no loss, only AdamW's momentum "
+                               "moved the weights", file=sys.stderr)
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-                row["eval"] = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
+                row["eval"] = evaluate(policy, model, tok, eval_examples, behavior, args, sampling)
             append_log(log_path, row, d)
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", behavior=f"{row['behavior_mean']:.2f}",
                             length=f"{row['length_mean']:.0f}")
             if skipped and d.master:
+                kept = ("the weights are unchanged" if applied == 0 else
+                        f"its first {applied} update(s) were applied, the rest of the batch dropped")
                 tqdm.write(f"warning: step {step} skipped: the loss ({stats['loss']:.3g}) or the gradient "
-                           f"norm ({grad_norm.item():.3g}) is not finite; the weights are unchanged",
-                           file=sys.stderr)
+                           f"norm ({grad_norm.item():.3g}) is not finite; {kept}", file=sys.stderr)
             if skipped_in_a_row >= args.max_skipped_steps:
                 raise StopRun(f"{skipped_in_a_row} steps in a row (to step {step}) had a loss or gradient "
                               "norm that is not finite and were skipped (--max-skipped-steps "
@@ -714,7 +829,7 @@ def main(argv=None):
                 save_checkpoint(out, step + 1, model, optimizer, d)
 
         at = "the evaluation after training"
-        after = evaluate(policy, model, tok, eval_examples, behavior, args, autocast)
+        after = evaluate(policy, model, tok, eval_examples, behavior, args, sampling)
         # under FSDP, all ranks gather the shards
         model_state, _ = distributed.state_dicts(model, optimizer, d)
         if d.master:  # eval_after.json last: a run folder that has it has its whole final model
@@ -722,16 +837,16 @@ def main(argv=None):
             with open(os.path.join(out, "eval_after.json"), "w") as f:
                 json.dump(after, f)
     except NonFiniteLogits as e:
+        advice = "check --model" if at.endswith("before training") else "lower --lr"
         sys.exit(f"error: model produced non-finite logits at {at}, row {e.row}: its weights hold NaN or inf "
-                 f"or have diverged ({'check --model' if at.endswith('before training') else 'lower --lr'}); "
-                 f"{last_checkpoint(out)}")
+                 f"or have diverged ({advice}); {last_checkpoint(out)}")
     except (StopRun, OSError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else e
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
-        sys.exit(f"error: {at}: {why}{where}; {last_checkpoint(out)}: fix the cause, then --resume")
+        sys.exit(f"error: {at}: {why}{where}; {last_checkpoint(out)}")
     if d.master and args.algo == "distill" and args.steps > 0:
-        kept = sum(json.loads(line).get("kept_traces", 0) for line in open(log_path))
-        if kept == 0:
+        kept = [json.loads(line).get("kept_traces") for line in open(log_path)]
+        if kept and all(k == 0 for k in kept):  # rows of an older train.py, without the count, are unknown
             print(f"warning: no step kept a teacher trace (none scored >= 0.5 on {args.behavior}), so the "
                   "policy was never trained; a looser behaviour bar or another instruction may help",
                   file=sys.stderr)

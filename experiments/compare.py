@@ -44,7 +44,7 @@ METRICS = ("behavior", "accuracy", "length")
 # --train-args) in every field but these: they change where a run is kept or how its work is split, not
 # what it computes (micro-batches split one sum, a checkpoint interval only moves where a resume starts,
 # the device only the float rounding), so a run may be resumed or read back with other values of them.
-UNCOMPARED = ("out", "device", "resume", "fsdp", "micro_batch", "checkpoint_every")
+UNCOMPARED = ("out", "device", "resume", "fsdp", "micro_batch", "checkpoint_every", "max_skipped_steps")
 # diagnostic.json is reused only when these match: what the sweep's numbers depend on. The first seed (its
 # sampling, robustness's hints) is recorded but not compared, so that adding seeds keeps the diagnostic.
 DIAGNOSTIC_FIELDS = ("behavior", "model", "eval_data", "eval_n", "max_new_tokens", "temperature",
@@ -129,8 +129,14 @@ def check_request(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; pass a folder for the comparison")
     # what every run uses (the diagnostic samples as training does); ranges checked as train.py does
-    args.train = requested(args.algos[0], args.seeds[0], args)
-    train.check_args(args.train)
+    # --dtype auto is resolved here, once, and passed on, so every run of the comparison computes alike;
+    # --report reads runs of either dtype (each run's args.json says which)
+    if not args.report and "--dtype" not in args.train_args.split():
+        dtype, _ = train.compute_dtype(requested(args.algos[0], args.seeds[0], args), None)
+        args.train_args = f"{args.train_args} --dtype {dtype}".strip()
+    for algo in reversed(args.algos):  # every algorithm's flags, so none fails after others trained
+        args.train = requested(algo, args.seeds[0], args)
+        train.check_args(args.train)
     if args.train.coeffs:
         parse_list(args.train.coeffs, "--coeffs")
 
@@ -163,7 +169,8 @@ def check_settings(out, wanted):
     recorded = read_json(path, DAMAGED)
     # a field newer than the run's train.py: the run ran as its default does
     defaults = vars(train.parse_args(["--behavior", wanted.behavior]))
-    fields = [f for f in vars(wanted) if f not in UNCOMPARED]
+    auto = ("dtype",) if wanted.dtype == "auto" else ()  # --report: either dtype
+    fields = [f for f in vars(wanted) if f not in UNCOMPARED + auto]
     check_same(path, {f: recorded.get(f, defaults[f]) for f in fields}, vars(wanted), fields,
                "pass the run's own settings to read or resume it, or another --out for a new comparison")
 

@@ -133,3 +133,14 @@ def synthetic(tiny_chat_model, tmp_path, monkeypatch):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(12)))
     return tiny_chat_model, str(data), tmp_path
+
+
+@pytest.fixture(autouse=True)
+def fp32_unless_asked(monkeypatch, tmp_path_factory):
+    """train.py's --dtype auto measures this machine's bf16 matmul and keeps the result in ~/.cache:
+    tests run in fp32 wherever they run (a tiny model gains nothing from bf16), unless a test asks, and
+    keep any cache in a temporary folder."""
+    import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setattr(train, "bf16_speedup", lambda: 0.0)

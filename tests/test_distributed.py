@@ -26,7 +26,8 @@ def launch(synthetic, out, *flags, procs=1, tag="run", env=None):
     cmd = [sys.executable, script] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                                       str(procs), "--standalone", script]
     # rows of many lengths: the logged token means must not depend on how rows split over processes
-    env = {**os.environ, "TAG": tag, "OMP_NUM_THREADS": "1", "STOP_EVERY": "7", **(env or {})}
+    env = {**os.environ, "TAG": tag, "OMP_NUM_THREADS": "1", "STOP_EVERY": "7", "XDG_CACHE_HOME": str(tmp / "cache"),
+           **(env or {})}
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -60,7 +61,8 @@ def assert_same_run(tmp, one, two, eval_n=12):
         for k in x:  # the same rollouts and rewards; losses and norms summed in another order
             assert x[k] == pytest.approx(y[k], abs=1e-5), k
     wa, wb = load_file(tmp / one / "final" / "model.safetensors"), load_file(tmp / two / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    # gradients summed in another order (rows grouped by length on each rank): rounding, through 4 AdamW steps
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 5e-5
     assert json.load(open(tmp / one / "eval_after.json")) == json.load(open(tmp / two / "eval_after.json"))
 
 
@@ -102,7 +104,7 @@ def test_a_two_process_run_resumes_with_one(synthetic):
     a, b = log_rows(tmp / "whole" / "log.jsonl"), log_rows(tmp / "killed" / "log.jsonl")
     assert [r["reward_mean"] for r in a] == pytest.approx([r["reward_mean"] for r in b], abs=1e-6)
     wa, wb = load_file(tmp / "whole" / "final" / "model.safetensors"), load_file(tmp / "killed" / "final" / "model.safetensors")
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 5e-5
 
 
 def test_bad_distributed_setups_are_one_line_errors(synthetic, monkeypatch):

@@ -118,6 +118,7 @@ def write_run(out, algo="grpo", seed=0, steps=4, eval_every=2, eval_n=2, behavio
     args = train.parse_args(["--behavior", behavior, "--algo", algo, "--seed", str(seed), "--steps", str(steps),
                              "--eval-every", str(eval_every), "--eval-n", str(eval_n), "--out", str(folder)])
     args.max_new_tokens = train.token_budget(args, load_behavior(behavior))
+    args.dtype, args.dtype_chosen_by = "float32", "auto: bf16 matmul 0.00x fp32"  # resolved, as train.main records
     (folder / "args.json").write_text(json.dumps(vars(args), indent=1))
     metrics = lambda step: {"accuracy": 0.5, "behavior": round(seed / 10 + step / 10, 4), "length": 30.0 + step}
     (folder / "eval_before.json").write_text(json.dumps(metrics(0)))

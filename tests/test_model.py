@@ -168,6 +168,43 @@ def test_prepacked_is_off_after_the_block_and_never_stale(tiny_checkpoints, no_g
             assert model.layers[1].attn.wo.packed is not kept["layers.1.attn.wo"]
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 matmul in this oneDNN")
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k/v biases, cast with their weights
+def test_bf16_copies_match_autocast_and_are_refreshed_after_a_step(tiny_checkpoints, kind):
+    """The sampler's bf16 weight copies compute what autocast computes (to bf16 rounding), and an
+    optimizer step remakes exactly the copies of the weights it changed."""
+    model = Transformer.from_pretrained(tiny_checkpoints[kind][0])
+    x = tokens(2, 6)
+    bf16 = torch.bfloat16
+
+    def close_to_autocast():
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=bf16):
+                want = model(x).float()
+            with model.prepacked(bf16):
+                got = model(x)
+            exact = model(x)
+        assert got.dtype == torch.float32 and packed(model)[0] == 0
+        # bf16 has 8 bits of mantissa: both sit about as far from fp32, and as far from each other
+        scale = exact.abs().max().item()
+        assert (got - exact).abs().max().item() <= 0.05 * scale and (want - exact).abs().max().item() <= 0.05 * scale
+        assert (got - want).abs().max().item() <= 0.05 * scale and (got - exact).abs().max().item() > 0
+        return got
+
+    before = close_to_autocast()
+    kept = {name: m.packed for name, m in model.named_modules() if isinstance(m, Linear)}
+    assert all(p.dtype == bf16 for p in kept.values())
+    optimizer = torch.optim.AdamW([model.layers[0].mlp.w_down.weight, model.layers[1].attn.wqkv.weight], lr=0.1)
+    model(x).sum().backward()
+    optimizer.step()
+    after = close_to_autocast()
+    remade = {name for name, m in model.named_modules() if isinstance(m, Linear) and m.packed is not kept[name]}
+    assert remade == {"layers.0.mlp.w_down", "layers.1.attn.wqkv"} and not torch.allclose(before, after)
+    with torch.no_grad(), model.prepacked():  # back to fp32: every copy is made again, in fp32
+        assert (model(x) - model(x)).abs().max().item() == 0 and all(
+            m.packed.dtype == torch.float32 for m in model.modules() if isinstance(m, Linear))
+
+
 def test_model_with_packed_weights_can_be_deep_copied(tiny_checkpoints):
     import copy
 

@@ -485,3 +485,98 @@ def test_distill_logs_the_traces_it_keeps_and_warns_when_it_kept_none(synthetic,
     train.main(argv_of(synthetic, "distill", tmp / "some", "--steps", "2"))
     assert all(json.loads(line)["kept_traces"] > 0 for line in open(tmp / "some" / "log.jsonl"))
     assert "no step kept" not in capsys.readouterr().err
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_older_one(synthetic, monkeypatch):
+    import errno
+
+    _, _, tmp = synthetic
+    real_write = train.write_checkpoint
+
+    def disk_full_at_step_2(out, step, *a):
+        if step == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(out, step, *a)
+
+    monkeypatch.setattr(train, "write_checkpoint", disk_full_at_step_2)
+    msg = error_of(argv_of(synthetic, "vspo", tmp / "run", "--checkpoint-every", "1"))
+    assert "error: step 1: writing checkpoint-2 failed (No space left on device)" in msg
+    assert "checkpoint-1 is kept: fix the cause, then --resume" in msg and finite_checkpoint(tmp / "run" / "checkpoint-1")
+
+
+def test_a_non_finite_second_update_is_reported_as_such(synthetic, monkeypatch, capsys):
+    """With --updates-per-batch 2, each update is judged alone: the first was applied, the second not."""
+    _, _, tmp = synthetic
+    calls, real_loss = {"n": 0}, train.vspo.policy_loss
+
+    def nan_in_the_second_update_of_step_1(logp, *a, **kw):  # 3 micro-batches of 5, 5 and 2 rows per update
+        calls["n"] += 1
+        loss, s = real_loss(logp, *a, **kw)
+        return (loss * float("nan") if 10 <= calls["n"] <= 12 else loss), s
+
+    monkeypatch.setattr(train.vspo, "policy_loss", nan_in_the_second_update_of_step_1)
+    train.main(argv_of(synthetic, "vspo", tmp / "run", "--updates-per-batch", "2", "--steps", "3"))
+    log = [json.loads(line) for line in open(tmp / "run" / "log.jsonl")]
+    assert [(r["skipped"], r["skipped_in_a_row"]) for r in log] == [(False, 0), (True, 1), (False, 0)]
+    err = capsys.readouterr().err
+    assert "step 1 skipped" in err and "its first 1 update(s) were applied" in err
+
+
+def test_dtype_auto_is_measured_once_per_machine_recorded_and_kept_on_resume(synthetic, monkeypatch, tmp_path):
+    _, _, tmp = synthetic
+    monkeypatch.setattr(train, "bf16_speedup", lambda: 0.9)  # bf16 slower here: fp32
+    train.main(argv_of(synthetic, "grpo", tmp / "slow", "--steps", "1"))
+    recorded = json.loads((tmp / "slow" / "args.json").read_text())
+    assert recorded["dtype"] == "float32" and "bf16 matmul 0.90x fp32" in recorded["dtype_chosen_by"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other_machine"))
+    monkeypatch.setattr(train, "bf16_speedup", lambda: 2.5)  # native bf16: the sampler and update in bf16
+    argv = argv_of(synthetic, "vspo", tmp / "fast", "--steps", "2", "--checkpoint-every", "1")
+    train.main(argv)
+    assert json.loads((tmp / "fast" / "args.json").read_text())["dtype"] == "bfloat16"
+    log = [json.loads(line) for line in open(tmp / "fast" / "log.jsonl")]
+    assert all(r["dtype"] == "bfloat16" for r in log)
+    assert 0 < log[0]["logprob_mismatch_mean"] < 0.2  # the bf16 sampler against the autocast learner
+
+    def never():
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(train, "bf16_speedup", never)  # the machine's measurement is kept, not retaken
+    train.main(argv_of(synthetic, "vspo", tmp / "again", "--steps", "1"))
+    assert "kept in" in json.loads((tmp / "again" / "args.json").read_text())["dtype_chosen_by"]
+    # a resumed run keeps its own dtype, whatever this machine would choose now
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "third_machine"))
+    monkeypatch.setattr(train, "bf16_speedup", lambda: 0.5)
+    (tmp / "fast" / "eval_after.json").unlink()
+    train.main(argv_of(synthetic, "vspo", tmp / "fast", "--steps", "3", "--checkpoint-every", "1", "--resume"))
+    assert [json.loads(line)["dtype"] for line in open(tmp / "fast" / "log.jsonl")] == ["bfloat16"] * 3
+
+
+def test_rows_sorted_and_trimmed_into_micro_batches_give_the_plain_gradient(tiny_chat_model):
+    """The update orders rows by length and computes each micro-batch at its own width (rollout.trimmed);
+    the gradient of the summed loss equals the plain full-width one's to 1e-5 in fp32."""
+    from rollout import completion_logprobs, generate
+
+    model, tok = Transformer.from_pretrained(tiny_chat_model), Tokenizer.from_pretrained(tiny_chat_model)
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in ("Hi", "How many apples does Tom have, in all?")]
+    r = generate(model, prompts, n=4, max_new_tokens=12, temperature=1.0, seed=3, stop_ids=tuple(range(3, 400, 5)))
+    lengths = r.completion_lens.tolist()
+    assert len(set(lengths)) > 2  # rows of many lengths
+    P, N = r.prompt_width, len(lengths)
+    sign = torch.tensor([1.0, -1.0] * (N // 2))
+
+    def grad_of(groups):
+        model.zero_grad()
+        for rows in groups:
+            logp, _ = completion_logprobs(model, r, rows, 0.7)
+            (logp * sign[rows, None]).sum().backward()  # advantages of both signs
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    order = sorted(range(N), key=lambda i: lengths[i])
+    sorted_trimmed = grad_of([order[i:i + 3] for i in range(0, N, 3)])
+    model.zero_grad()  # the plain computation: every row at the full width, no trimming
+    logits = model(r.tokens, positions=r.positions, padding_mask=r.padding_mask)[:, P - 1:-1] / 0.7
+    want = torch.log_softmax(logits, -1).gather(-1, r.tokens[:, P:, None]).squeeze(-1) * r.completion_mask[:, P:]
+    (want * sign[:, None]).sum().backward()
+    plain = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    # fp32 sums in another order: about 1e-6 relative to the largest gradient
+    assert (sorted_trimmed - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
