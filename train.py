@@ -259,6 +259,7 @@ def evaluate(policy, model, tok, examples, behavior, args, sampling):
     """The unsteered model on held-out problems, sampled at the training temperature with a fixed seed.
     Under torchrun each rank samples every W-th problem, under the problem's index as its row id, and
     the results are gathered: the same samples as one process."""
+    t0 = time.time()
     model.eval()
     d = distributed
     mine = list(range(len(examples)))[args.dist.rank::args.dist.world]
@@ -278,7 +279,7 @@ def evaluate(policy, model, tok, examples, behavior, args, sampling):
     results = [x for part in d.gather(results) for x in part]
     n = len(results)
     return {"accuracy": sum(a for a, _, _ in results) / n, "behavior": sum(b for _, b, _ in results) / n,
-            "length": sum(length for _, _, length in results) / n}
+            "length": sum(length for _, _, length in results) / n, "seconds": time.time() - t0}
 
 
 # -----------------------------------------------------------------------------
@@ -826,7 +827,10 @@ def main(argv=None):
                 if not weights_are_sound(policy, model, probe, d):
                     raise StopRun("the update diverged: the weights give non-finite logits, so they are not "
                                   "checkpointed")
+                t2 = time.time()
                 save_checkpoint(out, step + 1, model, optimizer, d)
+                if d.master:  # the row is written: the time goes to the run's console
+                    tqdm.write(f"checkpoint-{step + 1}: {time.time() - t2:.1f} s", file=sys.stderr)
 
         at = "the evaluation after training"
         after = evaluate(policy, model, tok, eval_examples, behavior, args, sampling)
