@@ -97,14 +97,16 @@ def main():
           "MB/token | ours GFLOP/s | ours GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for dtype in dtypes:
-        model, tok = load_model_and_tokenizer(None, "cpu", dtype)
+        # ours keeps fp32 weights and samples with bf16 copies (rollout.generate's dtype), as train.py
+        # does; transformers holds bf16 weights, its own bf16 path
+        model, tok = load_model_and_tokenizer(None, "cpu", torch.float32)
         ref = transformers.AutoModelForCausalLM.from_pretrained(model.source, dtype=dtype).eval()
         prompt = tok.chat([{"role": "user",
                             "content": "Tell me a long story about a dragon who learns to count."}])
         G = args.new_tokens
 
         def ours(B):
-            r = generate(model, [prompt], n=B, max_new_tokens=G, temperature=1.0, seed=0)
+            r = generate(model, [prompt], n=B, max_new_tokens=G, temperature=1.0, seed=0, dtype=dtype)
             return int(r.completion_lens.sum())
 
         @torch.no_grad()
@@ -116,7 +118,7 @@ def main():
                                top_p=None, max_new_tokens=G, min_new_tokens=G, pad_token_id=0)
             return (out.shape[1] - len(prompt)) * B
 
-        generate(model, [prompt], n=2, max_new_tokens=4)  # warm up both
+        generate(model, [prompt], n=2, max_new_tokens=4, dtype=dtype)  # warm up both
         ref.generate(torch.tensor([prompt] * 2), do_sample=True, max_new_tokens=4, min_new_tokens=4)
         for B in [int(b) for b in args.batches.split(",")]:
             best = {ours: 0.0, theirs: 0.0}

@@ -4,6 +4,11 @@ tokens only) against the straightforward transformers one (full logits, log_soft
 same batch of SmolLM2 rollouts. Each side runs in a fresh subprocess, so its peak RSS is its own.
 
     python -m benchmarks.train_step                  # 24 rows x 220 tokens (60 prompt + 160 completion)
+    python -m benchmarks.train_step --dtype bfloat16 --micro-batch 8   # both sides under bf16 autocast
+
+Completions are 80 to 160 tokens long. Ours orders the rows by length into micro-batches, each computed
+at its own width, as train.py does; transformers computes every row at the whole batch's width, as a
+straightforward trainer does.
 """
 
 import argparse
@@ -35,17 +40,23 @@ def run_ours(args):
     tokens, mask = batch(args.rows, args.prompt, args.completion, model.config.vocab_size)
     r = Rollouts(tokens=tokens, prompt_lens=torch.full((args.rows,), args.prompt), completion_mask=mask,
                  logprobs=torch.zeros(tokens.shape), finish_reasons=["stop"] * args.rows,
-                 coeffs=torch.zeros(args.rows),
-                 prompt_index=torch.arange(args.rows), prompt_width=args.prompt)
+                 coeffs=torch.zeros(args.rows), prompt_index=torch.arange(args.rows),
+                 prompt_width=args.prompt, vocab_size=model.config.vocab_size)
     m = mask[:, args.prompt:]
     adv = torch.randn(args.rows)
+    order = sorted(range(args.rows), key=lambda i: int(m[i].sum()))  # as train.py groups them
     t0 = time.perf_counter()
     for i in range(0, args.rows, args.micro_batch):
-        rows = list(range(i, min(i + args.micro_batch, args.rows)))
-        logp, _ = completion_logprobs(model, r, rows, 1.0)
-        loss, _ = vspo.policy_loss(logp, logp.detach(), adv[rows], m[rows], float(args.rows))
+        rows = order[i:i + args.micro_batch]
+        with autocast(args):
+            logp, _ = completion_logprobs(model, r, rows, 1.0)
+            loss, _ = vspo.policy_loss(logp, logp.detach(), adv[rows], m[rows], float(args.rows))
         loss.backward()
     return time.perf_counter() - t0
+
+
+def autocast(args):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
 
 def run_transformers(args):
@@ -59,10 +70,11 @@ def run_transformers(args):
     t0 = time.perf_counter()
     for i in range(0, args.rows, args.micro_batch):
         sl = slice(i, i + args.micro_batch)
-        logits = model(tokens[sl]).logits[:, :-1].float()  # the usual way: (rows, time, vocab)
-        logp = torch.log_softmax(logits, -1).gather(-1, tokens[sl, 1:, None]).squeeze(-1)
-        m = mask[sl, 1:].float()
-        loss = -(((logp - logp.detach()).exp() * adv[sl, None] * m).sum(1) / m.sum(1)).sum() / args.rows
+        with autocast(args):
+            logits = model(tokens[sl]).logits[:, :-1].float()  # the usual way: (rows, time, vocab)
+            logp = torch.log_softmax(logits, -1).gather(-1, tokens[sl, 1:, None]).squeeze(-1)
+            m = mask[sl, 1:].float()
+            loss = -(((logp - logp.detach()).exp() * adv[sl, None] * m).sum(1) / m.sum(1)).sum() / args.rows
         loss.backward()
     return time.perf_counter() - t0
 
@@ -74,6 +86,8 @@ def main():
     parser.add_argument("--completion", type=int, default=160)
     parser.add_argument("--micro-batch", type=int, default=24,
                         help="rows per forward/backward (24: the whole batch at once)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16: both sides under torch.autocast, weights in fp32 (as train.py)")
     parser.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:  # the child process: run one side, report its time and peak RSS
@@ -83,7 +97,7 @@ def main():
         return
     tokens = args.rows * (args.prompt + args.completion)
     print(f"one update, {args.rows} rows x {args.prompt + args.completion} tokens, micro-batch "
-          f"{args.micro_batch}, fp32\n")
+          f"{args.micro_batch}, {args.dtype}\n")
     print("| | seconds | tokens/s | peak RSS (GB) |\n|---|---|---|---|")
     results = {}
     for side in ("ours", "transformers"):
