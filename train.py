@@ -74,6 +74,17 @@ def parse_args(argv=None):
                         "importance weight for steering")
     p.add_argument("--lam", type=float, default=1.0,
                    help="behaviour weight in the reward: accuracy + lam * behaviour")
+    p.add_argument("--reward-normalization", default="sum", choices=vspo.NORMALIZATIONS,
+                   help="sum: normalise accuracy + lam * behaviour in each group; separate: normalise each "
+                        "within the group, then combine with lam (GDPO)")
+    p.add_argument("--behavior-gate", default="none", choices=["none", "correct"],
+                   help="correct: the behaviour counts only in correct answers (a change of what is "
+                        "rewarded, not of how the learner uses it)")
+    p.add_argument("--overlong", default="none", choices=vspo.OVERLONG,
+                   help="rollouts cut off at the budget (DAPO): mask leaves them out of the loss; soft adds "
+                        "a penalty over the last --overlong-window tokens before the budget")
+    p.add_argument("--overlong-window", type=int, default=64,
+                   help="tokens before the budget over which --overlong soft's penalty falls to -1")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.0,
                    help="KL coefficient to the initial model (0: no reference copy)")
@@ -116,10 +127,13 @@ def check_args(args):
     for flag, low in (("steps", 0), ("prompts_per_step", 1), ("group_size", 2), ("updates_per_batch", 1),
                       ("micro_batch", 1),
                       ("max_new_tokens", 1), ("train_layers", 0), ("eval_n", 1), ("eval_every", 0),
-                      ("checkpoint_every", 1), ("max_skipped_steps", 1)):
+                      ("checkpoint_every", 1), ("max_skipped_steps", 1), ("overlong_window", 1)):
         if getattr(args, flag) < low:
             why = " (advantages compare the rollouts of a group)" if flag == "group_size" else ""
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {low}{why}")
+    if args.overlong == "soft" and args.overlong_window > args.max_new_tokens:
+        raise ValueError(f"--overlong-window {args.overlong_window} is longer than the token budget "
+                         f"{args.max_new_tokens}: the penalty would reach answers of any length")
     if not args.temperature > 0:
         raise ValueError("--temperature must be above 0: the loss scores completions under the tempered "
                          "distribution")
@@ -389,7 +403,7 @@ def last_checkpoint(out):
                 "another --out)")
 
 
-def save_checkpoint(out, step, model, optimizer, d):
+def save_checkpoint(out, step, model, optimizer, d, state=None):
     """Rank 0 writes checkpoint-<step>, then points `latest` at it, then deletes the older ones; a write
     that fails (a full disk) is the same one-line error on every rank, and keeps the older one."""
     # under FSDP, all ranks gather
@@ -397,7 +411,7 @@ def save_checkpoint(out, step, model, optimizer, d):
     error = None
     if d.master:
         try:
-            write_checkpoint(out, step, model, model_state, optimizer_state)
+            write_checkpoint(out, step, model, model_state, optimizer_state, state or {})
         except OSError as e:
             error = f"writing checkpoint-{step} failed ({e.strerror or e})"
     error = distributed.agree(error, d)
@@ -405,7 +419,7 @@ def save_checkpoint(out, step, model, optimizer, d):
         raise StopRun(error)
 
 
-def write_checkpoint(out, step, model, model_state, optimizer_state):
+def write_checkpoint(out, step, model, model_state, optimizer_state, state):
     # temporaries are made anew, never followed: a link left in the run folder cannot redirect a write
     tmp = os.path.join(out, f".checkpoint-{step}.tmp")
     remove(tmp)
@@ -413,7 +427,7 @@ def write_checkpoint(out, step, model, model_state, optimizer_state):
     model.save_pretrained(tmp, model_state)
     torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step}, f)
+        json.dump({**state, "step": step}, f)  # and the adaptive schedule's intensities, if any
     final = os.path.join(out, f"checkpoint-{step}")
     remove(final)
     os.replace(tmp, final)
@@ -431,7 +445,7 @@ def write_checkpoint(out, step, model, model_state, optimizer_state):
 
 def load_checkpoint(out, model):
     """Load the last checkpoint's weights into `model` (before it is wrapped for DDP or FSDP)
-    -> (the step to continue from, the saved optimizer state)."""
+    -> (the step to continue from, the saved optimizer state, its path, state.json)."""
     latest = os.path.join(out, "latest")
     with open(latest, errors="replace") as f:
         name = f.read().strip()
@@ -453,13 +467,25 @@ def load_checkpoint(out, model):
     try:  # a damaged file raises whatever its first bad byte triggers in the reader
         state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)  # never unpickle code
         with open(os.path.join(path, "state.json")) as f:
-            step = json.load(f)["step"]
+            saved = json.load(f)
+        step = saved["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TypeError(f"step {step!r}")
     except Exception as e:
         raise ValueError(f"{path}: optimizer.pt or state.json is damaged ({type(e).__name__}), so the run "
                          "cannot resume from it; start anew with another --out") from None
-    return step, state, path
+    return step, state, path, saved
+
+
+def resumed_levels(saved, levels, path):
+    """The adaptive schedule's intensities as the checkpoint saved them (so that a resumed run samples
+    what the uninterrupted one would)."""
+    got = saved.get("levels")
+    if not (isinstance(got, list) and len(got) == len(levels) and all(isinstance(x, (int, float))
+                                                                       and math.isfinite(x) for x in got)):
+        raise ValueError(f"{path}/state.json: no intensities of --schedule adaptive ({len(levels)} numbers); "
+                         "resume with the run's own --schedule and --coeffs")
+    return [float(x) for x in got]
 
 
 def read_log(log_path, start):
@@ -594,6 +620,8 @@ def main(argv=None):
                 lambda: load_or_extract(model, tok, args.behavior, args.model, layer=args.layer), d)
             vector, layer = sv.scaled_direction().to(args.device), sv.layer
             coeffs = given_coeffs or [0.0, sv.intensity / 2, sv.intensity]
+        # --schedule adaptive moves these after every step (vspo.adapt_intensities); the others keep them
+        levels = list(coeffs) if args.algo == "vspo" else []
     except (ValueError, OSError, DataError) as e:
         if made_out and d.master and not os.listdir(out):  # no run started: leave no empty folder behind
             os.rmdir(out)
@@ -625,7 +653,8 @@ def main(argv=None):
     start = 0
     try:
         if args.resume:
-            start, optimizer_state, checkpoint = load_checkpoint(out, model)
+            start, optimizer_state, checkpoint, saved = load_checkpoint(out, model)
+            levels = resumed_levels(saved, levels, checkpoint) if args.schedule == "adaptive" else levels
     except ValueError as e:
         sys.exit(f"error: {e}")
     policy = distributed.wrap(Policy(model), d)  # DDP, FSDP2, or the policy itself
@@ -667,7 +696,7 @@ def main(argv=None):
             batch = [train_examples[i] for i in batch_indices(len(train_examples), P, step, args.seed)]
             if args.algo == "vspo":
                 g = torch.Generator().manual_seed(args.seed * 7919 + step)
-                all_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, coeffs, G, step, args.steps, g)
+                all_coeffs = torch.cat([vspo.intensity_schedule(args.schedule, levels, G, step, args.steps, g)
                                         for _ in batch])
             else:
                 all_coeffs = torch.zeros(P * G)
@@ -693,9 +722,20 @@ def main(argv=None):
             t_sample = time.time() - t0
             # 3. rewards
             row_examples = [ex for ex in batch for _ in range(G)]
-            reward, acc, beh = score(tok, r, row_examples, behavior, args.lam)
+            _, acc, beh = score(tok, r, row_examples, behavior, args.lam)
+            # the reward's parts: accuracy, the behaviour (only in correct answers with --behavior-gate
+            # correct), DAPO's length penalty with --overlong soft; reward = their weighted sum
+            shown = beh * acc if args.behavior_gate == "correct" else beh
+            components, weights = [acc, shown], [1.0, args.lam]
+            if args.overlong == "soft":
+                components.append(vspo.overlong_penalty(r.completion_lens.cpu(), args.max_new_tokens,
+                                                        args.overlong_window))
+                weights.append(1.0)
+            components = torch.stack(components)  # (K, N)
+            reward = (components * torch.tensor(weights)[:, None]).sum(0)
             # 4. group-relative advantages over all G rollouts of a prompt, whatever their intensity
-            advantages, zero_spread = vspo.group_advantages(reward, G, scale=args.advantage)
+            advantages, magnitudes, zero_spread = vspo.composite_advantages(
+                components, weights, G, args.reward_normalization, scale=args.advantage)
             _, behavior_zero_spread = vspo.group_advantages(beh, G)  # groups with no behaviour signal
             advantages = advantages.to(args.device)
             keep = (beh >= 0.5).to(args.device)  # distill: the traces that earn the behaviour
@@ -705,6 +745,9 @@ def main(argv=None):
             t1 = time.time()
             model.train()
             mask = r.completion_mask[:, r.prompt_width:]
+            if args.overlong == "mask":  # DAPO's overlong filtering: rows the budget cut off leave the loss
+                cut_off = torch.tensor([why == "length" for why in r.finish_reasons], device=mask.device)
+                mask = mask & ~cut_off[:, None]
             normalizer = distributed.all_sum(vspo.loss_normalizer(mask, args.aggregation,
                                                                   args.max_new_tokens), d)
             N = len(rows)
@@ -791,11 +834,17 @@ def main(argv=None):
                         if mismatch_tokens else None}
             n_tokens = max(1.0, sums.pop("tokens"))
             stats = {"loss": sums.pop("loss"), **{k: v / n_tokens for k, v in sums.items()}}
-            by_coeff = {f"{c:g}": beh[all_coeffs == c].mean().item()
-                        for c in sorted(set(all_coeffs.tolist()))}
+            cut = torch.tensor([why == "length" for why in finish_reasons], dtype=torch.float32)
+            levels_seen = sorted(set(all_coeffs.tolist()))
+            by_coeff = lambda x: {f"{c:g}": x[all_coeffs == c].mean().item() for c in levels_seen}
+            magnitudes = [distributed.all_sum(m, d) for m in magnitudes.tolist()]
+            names = ("accuracy", "behavior", "length")[:len(magnitudes)]
+            share = {n: m / sum(magnitudes) if sum(magnitudes) else 0.0 for n, m in zip(names, magnitudes)}
             row = {"step": step, "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
                    "accuracy_mean": acc.mean().item(), "behavior_mean": beh.mean().item(),
-                   "behavior_by_coeff": by_coeff, "zero_spread_frac": sum(p[6] for p in parts) / P,
+                   "behavior_by_coeff": by_coeff(beh), "accuracy_by_coeff": by_coeff(acc),
+                   "truncated_by_coeff": by_coeff(cut), "advantage_share": share,
+                   "zero_spread_frac": sum(p[6] for p in parts) / P,
                    "behavior_zero_spread_frac": sum(p[10] for p in parts) / P,
                    "length_mean": lengths.mean().item(), "length_max": lengths.max().item(),
                    "truncated_frac": finish_reasons.count("length") / len(finish_reasons),
@@ -804,6 +853,12 @@ def main(argv=None):
                    "dtype": args.dtype,
                    "seconds_sample": max(p[7] for p in parts), "seconds_update": max(p[8] for p in parts),
                    "peak_rss_gb": max(p[9] for p in parts)}
+            if args.algo == "vspo":  # the intensities this step sampled at; adaptive moves them for the next
+                row["intensities"] = levels
+                if args.schedule == "adaptive":
+                    level_of = torch.arange(P * G) % G % len(levels)  # stratified: row j of a group, j mod K
+                    at_level = lambda x: [x[level_of == k].mean().item() for k in range(len(levels))]
+                    levels = vspo.adapt_intensities(levels, coeffs, at_level(beh), at_level(cut))
             if args.algo == "distill":  # a step that keeps no trace has no loss: say so
                 row["kept_traces"] = int((beh >= 0.5).sum())
                 if row["kept_traces"] == 0 and d.master:
@@ -828,7 +883,7 @@ def main(argv=None):
                     raise StopRun("the update diverged: the weights give non-finite logits, so they are not "
                                   "checkpointed")
                 t2 = time.time()
-                save_checkpoint(out, step + 1, model, optimizer, d)
+                save_checkpoint(out, step + 1, model, optimizer, d, {"levels": levels})
                 if d.master:  # the row is written: the time goes to the run's console
                     tqdm.write(f"checkpoint-{step + 1}: {time.time() - t2:.1f} s", file=sys.stderr)
 

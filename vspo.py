@@ -19,7 +19,9 @@ is the same code with every intensity 0.
 import torch
 
 AGGREGATIONS = ("seq_mean", "token_mean", "fixed")
-SCHEDULES = ("stratified", "random", "anneal")
+SCHEDULES = ("stratified", "random", "anneal", "adaptive")
+NORMALIZATIONS = ("sum", "separate")
+OVERLONG = ("none", "mask", "soft")
 
 
 # -----------------------------------------------------------------------------
@@ -36,15 +38,45 @@ def intensity_schedule(kind, intensities, group_size, step=0, total_steps=1, gen
                 linearly, from the full set at step 0 to intensity 0 at the last step (total_steps - 1),
                 which samples the plain policy. (Our choice: the paper's abstract does not say whether
                 intensities are fixed.)
+    adaptive:   stratified over the set as `adapt_intensities` last moved it (the caller passes the
+                current levels).
     """
     values = torch.tensor(intensities, dtype=torch.float32)
-    if kind == "stratified":
+    if kind in ("stratified", "adaptive"):
         return values[torch.arange(group_size) % len(values)]
     if kind == "random":
         return values[torch.randint(len(values), (group_size,), generator=generator)]
     if kind == "anneal":
         return values[torch.arange(group_size) % len(values)] * max(0.0, 1.0 - step / max(1, total_steps - 1))
     raise ValueError(f"unknown intensity schedule {kind!r}; choose from {', '.join(SCHEDULES)}")
+
+
+ADAPT_DOWN, ADAPT_UP = 0.8, 1.1  # how far one step moves a level
+ADAPT_BOUNDS = (0.25, 2.0)  # a level stays within these multiples of its starting value
+
+
+def adapt_intensities(levels, start, behavior_by_level, truncated_by_level):
+    """--schedule adaptive: the next step's intensities from this step's outcome at each level.
+
+    levels: the current intensities, increasing, levels[0] = 0 (the unsteered rows); start: their
+    values at step 0; behavior_by_level, truncated_by_level: each level's behaviour rate and
+    truncated fraction this step. A steered level is lowered (x0.8) when more than half its rows run
+    past the token budget, or when it shows the behaviour less often than the level below it (steering
+    that has stopped making the rewarded behaviour common: the bandit's misaligned regime). It is
+    raised (x1.1) while the unsteered rows show the behaviour in less than half their samples and
+    its own rows are rarely cut off (under a quarter). Each level stays within ADAPT_BOUNDS of its
+    start and at or above the level below it. Fixed intensities that suited the initial policy push
+    a policy that has grown longer past the budget; this follows the policy, as `anneal` cannot."""
+    new = [0.0]
+    for k in range(1, len(levels)):
+        level = levels[k]
+        if truncated_by_level[k] > 0.5 or behavior_by_level[k] < behavior_by_level[k - 1]:
+            level *= ADAPT_DOWN
+        elif behavior_by_level[0] < 0.5 and truncated_by_level[k] < 0.25:
+            level *= ADAPT_UP
+        low, high = (start[k] * b for b in ADAPT_BOUNDS)
+        new.append(max(new[-1], min(high, max(low, level))))
+    return new
 
 
 # -----------------------------------------------------------------------------
@@ -70,6 +102,47 @@ def group_advantages(rewards, group_size, scale="std", eps=1e-4):
         raise ValueError(f"unknown advantage scale {scale!r}; choose std or none")
     adv = torch.where(zero_spread[:, None], torch.zeros_like(adv), adv)
     return adv.flatten(), int(zero_spread.sum())
+
+
+def composite_advantages(components, weights, group_size, normalization="sum", scale="std", eps=1e-4):
+    """(K, N) reward components (accuracy, behaviour, a length penalty ...), (K,) weights -> (N,)
+    advantages, (K,) the summed |advantage| each component carries (divide by their total for its
+    share), and the number of groups whose composite reward has no spread.
+
+    sum:      normalise the weighted sum within each group: GRPO on the composite reward, where a
+              component with a large spread (the behaviour, across intensities) dominates the
+              group's std and so shrinks the others' share.
+    separate: normalise each component within each group on its own, then take the weighted sum
+              (GDPO; TRL's multi_objective_aggregation="normalize_then_sum"): accuracy keeps its
+              full weight in every group where correctness varies; a component with no spread in a
+              group contributes 0 there.
+    The magnitudes split |advantage| by component: in `sum`, component k's part of the centred sum,
+    divided by the group's std."""
+    r = components.float().view(len(components), -1, group_size)  # (K, groups, G)
+    w = torch.as_tensor(weights, dtype=torch.float32).view(-1, 1, 1)
+    if normalization == "sum":
+        total, zero_spread = group_advantages((r * w).sum(0).flatten(), group_size, scale, eps)
+        both = (r * w).sum(0)
+        spread = both.std(-1, keepdim=True) + eps if scale == "std" else torch.ones_like(both[..., :1])
+        parts = (r - r.mean(-1, keepdim=True)) * w / spread  # (K, groups, G)
+        parts = torch.where((both.max(-1).values == both.min(-1).values)[None, :, None], 0.0, parts)
+    elif normalization == "separate":
+        parts = torch.stack([group_advantages(c.flatten(), group_size, scale, eps)[0].view(c.shape)
+                             for c in r]) * w
+        total = parts.sum(0).flatten()
+        zero_spread = int((r.amax(-1) == r.amin(-1)).all(0).sum())
+    else:
+        raise ValueError(f"unknown reward normalization {normalization!r}; choose from "
+                         f"{', '.join(NORMALIZATIONS)}")
+    return total, parts.abs().sum((1, 2)), zero_spread
+
+
+def overlong_penalty(lengths, max_new_tokens, window):
+    """DAPO's soft overlong punishment (Yu et al. 2025): 0 up to max_new_tokens - window tokens, then a
+    penalty falling linearly to -1 at the budget, so that answers learn to end before the cut-off
+    rather than learning nothing from rows that all hit it. (N,) lengths -> (N,) in [-1, 0]."""
+    start = max_new_tokens - window
+    return ((start - lengths.float()) / window).clamp(-1.0, 0.0)
 
 
 # -----------------------------------------------------------------------------

@@ -580,3 +580,70 @@ def test_rows_sorted_and_trimmed_into_micro_batches_give_the_plain_gradient(tiny
     plain = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     # fp32 sums in another order: about 1e-6 relative to the largest gradient
     assert (sorted_trimmed - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
+
+
+# -----------------------------------------------------------------------------
+# issue 29's knobs on the tiny model: each logs what it did, and the adaptive schedule resumes exactly
+
+
+def test_separate_normalization_soft_overlong_gate_and_adaptive_intensities_log_what_they_did(synthetic):
+    import vspo
+
+    _, _, tmp = synthetic
+    train.main(argv_of(synthetic, "vspo", tmp / "run", "--reward-normalization", "separate", "--overlong", "soft",
+                       "--overlong-window", "3", "--behavior-gate", "correct", "--schedule", "adaptive"))
+    log = [json.loads(line) for line in open(tmp / "run" / "log.jsonl")]
+    for row in log:
+        share = row["advantage_share"]
+        assert set(share) == {"accuracy", "behavior", "length"} and sum(share.values()) == pytest.approx(1.0)
+        assert set(row["truncated_by_coeff"]) == set(row["behavior_by_coeff"]) == set(row["accuracy_by_coeff"])
+    # every row is cut off at 6 tokens (the tiny model never stops): the length penalty is the same -1 for
+    # every row and carries nothing, and no answer is correct, so a gated behaviour carries nothing either
+    assert all(r["advantage_share"]["length"] == 0 and r["advantage_share"]["behavior"] == 0 for r in log)
+    # the intensities move as vspo.adapt_intensities says, from each step's outcome at each level
+    start = log[0]["intensities"]
+    assert start == [0.0, 20.0, 40.0]
+    for now, then in zip(log, log[1:]):
+        at = lambda key: [now[key][f"{c:g}"] for c in now["intensities"]]
+        assert then["intensities"] == pytest.approx(
+            vspo.adapt_intensities(now["intensities"], start, at("behavior_by_coeff"), at("truncated_by_coeff")))
+    assert log[-1]["intensities"] != start  # all rows overshoot: every steered level came down
+
+
+def test_overlong_mask_leaves_rows_cut_off_by_the_budget_out_of_the_loss(synthetic):
+    _, _, tmp = synthetic
+    for flag in ("none", "mask"):
+        train.main(argv_of(synthetic, "vspo", tmp / flag, "--overlong", flag, "--steps", "1"))
+    plain, masked = (json.loads(open(tmp / flag / "log.jsonl").readline()) for flag in ("none", "mask"))
+    assert plain["truncated_frac"] == masked["truncated_frac"] == 1.0  # the tiny model never stops in 6 tokens
+    assert plain["grad_norm"] > 0 and masked["grad_norm"] == 0 and masked["loss"] == 0
+
+
+def test_the_adaptive_schedule_resumes_exactly(synthetic, monkeypatch):
+    _, _, tmp = synthetic
+    flags = ("--schedule", "adaptive", "--checkpoint-every", "2", "--steps", "5")
+    train.main(argv_of(synthetic, "vspo", tmp / "whole", *flags))
+    real_save = train.save_checkpoint
+
+    def killed_after_step_2(out, step, *a):
+        real_save(out, step, *a)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", killed_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv_of(synthetic, "vspo", tmp / "killed", *flags))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main(argv_of(synthetic, "vspo", tmp / "killed", *flags, "--resume"))
+    levels = lambda name: [json.loads(line)["intensities"] for line in open(tmp / name / "log.jsonl")]
+    assert levels("whole") == levels("killed") and len(set(map(tuple, levels("whole")))) > 1
+    a, b = load_file(tmp / "whole" / "final" / "model.safetensors"), load_file(tmp / "killed" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads((tmp / "killed" / "checkpoint-4" / "state.json").read_text()) if os.path.isdir(
+        tmp / "killed" / "checkpoint-4") else json.loads((tmp / "killed" / "checkpoint-5" / "state.json").read_text())
+    assert len(state["levels"]) == 3
+    (tmp / "killed" / "eval_after.json").unlink()
+    bad = tmp / "killed" / sorted(n for n in os.listdir(tmp / "killed") if n.startswith("checkpoint-"))[-1] / "state.json"
+    bad.write_text(json.dumps({"step": 5}))
+    assert "no intensities of --schedule adaptive" in error_of(argv_of(synthetic, "vspo", tmp / "killed", *flags,
+                                                                       "--resume"))

@@ -134,3 +134,62 @@ def test_sft_loss_learns_only_the_kept_traces():
     assert torch.equal(logp.grad[1], torch.zeros(3)) and (logp.grad[0] < 0).all()
     per_seq = vspo.sft_loss(logp, keep, MASK, normalizer=2.0, aggregation="seq_mean")
     assert per_seq.item() == pytest.approx(-(math.log(0.5) * 2 + math.log(0.25)) / 3 / 2)
+
+
+# -----------------------------------------------------------------------------
+# issue 29's knobs: how the reward's parts are combined, the length penalty, adaptive intensities
+
+
+def test_sum_normalization_is_grpo_on_the_composite_and_splits_its_magnitude_by_part():
+    acc = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    beh = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    adv, magnitude, zero = vspo.composite_advantages(torch.stack([acc, beh]), [1.0, 2.0], 4, "sum")
+    want, _ = vspo.group_advantages(acc + 2 * beh, 4)  # r = [1, 0, 2, 2]: mean 1.25, std 0.957
+    assert torch.allclose(adv, want) and zero == 0
+    std = math.sqrt(((1 - 1.25) ** 2 + 1.25 ** 2 + 2 * 0.75 ** 2) / 3) + 1e-4
+    acc_part = (acc - 0.25).abs().sum() / std  # |0.75| + 3 |-0.25| = 1.5
+    beh_part = 2 * (beh - 0.5).abs().sum() / std  # 2 x 4 x 0.5 = 4
+    assert torch.allclose(magnitude, torch.tensor([acc_part, beh_part]), rtol=1e-5)
+
+
+def test_separate_normalization_gives_each_part_its_own_scale_and_no_spread_no_share():
+    # group 1: accuracy varies a little, the behaviour a lot; group 2: only the behaviour varies
+    acc = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    beh = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    adv, magnitude, zero = vspo.composite_advantages(torch.stack([acc, beh]), [1.0, 0.5], 4, "separate")
+    a_acc, _ = vspo.group_advantages(acc, 4)
+    a_beh, _ = vspo.group_advantages(beh, 4)
+    assert torch.allclose(adv, a_acc + 0.5 * a_beh) and zero == 0
+    assert torch.equal(a_acc[4:], torch.zeros(4))  # accuracy has no spread in group 2: it contributes 0
+    # by hand: accuracy [1, 0, 0, 0] has mean 0.25 and std 0.5, so the correct answer's part is 1.5
+    assert adv[0].item() == pytest.approx(0.75 / (0.5 + 1e-4) + 0.5 * (-0.5 / (math.sqrt(1 / 3) + 1e-4)))
+    assert torch.allclose(magnitude, torch.tensor([a_acc.abs().sum(), 0.5 * a_beh.abs().sum()]))
+    flat = torch.ones(8)
+    _, magnitude, zero = vspo.composite_advantages(torch.stack([flat, flat]), [1.0, 1.0], 4, "separate")
+    assert zero == 2 and torch.equal(magnitude, torch.zeros(2))
+    with pytest.raises(ValueError, match="sum, separate"):
+        vspo.composite_advantages(torch.stack([flat]), [1.0], 4, "rank")
+
+
+def test_the_overlong_penalty_ramps_to_minus_one_at_the_budget():
+    lengths = torch.tensor([10, 320, 321, 352, 384])
+    assert torch.equal(vspo.overlong_penalty(lengths, 384, 64), torch.tensor([0.0, 0.0, -1 / 64, -0.5, -1.0]))
+
+
+def test_adaptive_intensities_follow_the_outcome_at_each_level():
+    start = [0.0, 0.1, 0.2]
+    # the unsteered rows lack the behaviour and the steered ones stop in time: both levels go up
+    assert vspo.adapt_intensities(start, start, [0.0, 0.2, 0.4], [0.0, 0.0, 0.1]) == pytest.approx([0, 0.11, 0.22])
+    # the top level overshoots the budget: it comes down; the middle one still goes up
+    assert vspo.adapt_intensities(start, start, [0.0, 0.3, 0.1], [0.0, 0.1, 0.9]) == pytest.approx([0, 0.11, 0.16])
+    # a level that shows the behaviour less than the level below it is lowered too (the top one, above
+    # it, goes on rising)
+    assert vspo.adapt_intensities(start, start, [0.4, 0.2, 0.3], [0.0, 0.0, 0.0]) == pytest.approx([0, 0.08, 0.22])
+    # bounds: never below a quarter or above twice the start, never below the level beneath
+    low = [0.0, 0.025, 0.05]
+    assert vspo.adapt_intensities(low, start, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]) == pytest.approx([0, 0.025, 0.05])
+    high = [0.0, 0.2, 0.4]
+    assert vspo.adapt_intensities(high, start, [0.0, 0.5, 0.6], [0.0, 0.0, 0.0]) == pytest.approx([0, 0.2, 0.4])
+    assert vspo.adapt_intensities([0.0, 0.19, 0.19], start, [0.0, 0.5, 0.6], [0.0, 0.0, 0.9]) == pytest.approx(
+        [0, 0.2, 0.2])  # the top level's 0.152 is lifted to the middle one's 0.2 (raised from 0.19, capped)
+    assert torch.equal(vspo.intensity_schedule("adaptive", [0.0, 0.11, 0.2], 6), torch.tensor([0.0, 0.11, 0.2] * 2))
