@@ -280,11 +280,11 @@ def test_a_non_finite_loss_is_skipped_leaving_weights_and_moments_untouched(synt
     states, real_save, real_loss = {}, train.save_checkpoint, train.vspo.policy_loss
     step = {"now": 0}
 
-    def recording_save(out, k, model, optimizer, d):  # the weights and AdamW state after each step
+    def recording_save(out, k, model, optimizer, d, *rest):  # the weights and AdamW state after each step
         states[k] = ({n: p.detach().clone() for n, p in model.named_parameters()},
                      {i: {n: v.clone() for n, v in s.items()} for i, s in optimizer.state_dict()["state"].items()})
         step["now"] = k
-        real_save(out, k, model, optimizer, d)
+        real_save(out, k, model, optimizer, d, *rest)
 
     def nan_at_step_1(logp, *a, **kw):
         loss, s = real_loss(logp, *a, **kw)
@@ -595,11 +595,16 @@ def test_separate_normalization_soft_overlong_gate_and_adaptive_intensities_log_
     log = [json.loads(line) for line in open(tmp / "run" / "log.jsonl")]
     for row in log:
         share = row["advantage_share"]
-        assert set(share) == {"accuracy", "behavior", "length"} and sum(share.values()) == pytest.approx(1.0)
+        # shares of the advantages' magnitude: they sum to 1, or all are 0 in a step with no signal at all
+        assert set(share) == {"accuracy", "behavior", "length"} and sum(share.values()) in (pytest.approx(1.0), 0)
         assert set(row["truncated_by_coeff"]) == set(row["behavior_by_coeff"]) == set(row["accuracy_by_coeff"])
-    # every row is cut off at 6 tokens (the tiny model never stops): the length penalty is the same -1 for
-    # every row and carries nothing, and no answer is correct, so a gated behaviour carries nothing either
-    assert all(r["advantage_share"]["length"] == 0 and r["advantage_share"]["behavior"] == 0 for r in log)
+    # no answer of the tiny model is correct, so neither accuracy nor the gated behaviour carries anything;
+    # the length penalty carries everything once some rows end short of the budget (6 tokens), nothing while
+    # every row is 6 long (-1 for all)
+    for row in log:
+        assert row["accuracy_mean"] == 0 and row["advantage_share"]["behavior"] == 0
+        assert row["advantage_share"]["length"] == (0.0 if row["length_mean"] == 6 else pytest.approx(1.0))
+    assert {r["length_mean"] == 6 for r in log} == {True, False}  # both cases occur
     # the intensities move as vspo.adapt_intensities says, from each step's outcome at each level
     start = log[0]["intensities"]
     assert start == [0.0, 20.0, 40.0]
@@ -607,7 +612,7 @@ def test_separate_normalization_soft_overlong_gate_and_adaptive_intensities_log_
         at = lambda key: [now[key][f"{c:g}"] for c in now["intensities"]]
         assert then["intensities"] == pytest.approx(
             vspo.adapt_intensities(now["intensities"], start, at("behavior_by_coeff"), at("truncated_by_coeff")))
-    assert log[-1]["intensities"] != start  # all rows overshoot: every steered level came down
+    assert log[-1]["intensities"][2] < start[2]  # the rows overshoot the budget: the top level came down
 
 
 def test_overlong_mask_leaves_rows_cut_off_by_the_budget_out_of_the_loss(synthetic):
