@@ -267,11 +267,13 @@ def _chunk_logprobs(h, weight, targets, temperature):
     return logp, entropy
 
 
-def completion_logprobs(model, r, rows, temperature, chunk=512):
+def completion_logprobs(model, r, rows, temperature, chunk=128):
     """Log-probs (n, G) and entropies (n, G) of the completion tokens of rollout rows under `model`
     (unsteered), at the sampling temperature. Only completion positions reach the vocabulary
     projection, in chunks whose logits are recomputed in backward rather than kept (activation
-    checkpointing): peak memory holds one (chunk, vocab) block, not (rows, time, vocab)."""
+    checkpointing): peak memory holds one (chunk, vocab) block, not (rows, time, vocab). 128
+    positions of a 49k vocabulary make 24 MiB blocks, which glibc's allocator reuses; above 32 MiB
+    it maps fresh pages for every block (docs/speed.md counts the page faults)."""
     P, G = r.prompt_width, r.tokens.size(1) - r.prompt_width
     tokens, positions, padding_mask, start, end = trimmed(r, rows)
     h, _ = model.hidden(tokens, positions=positions, padding_mask=padding_mask)
