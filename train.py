@@ -149,6 +149,9 @@ def compute_dtype(args, out):
     recorded. A new one takes bf16 on a GPU that supports it, and on a CPU whose bf16 matmul is over
     1.5x its fp32 one: measured once per machine and kept (machine_bf16_speedup), since a timing taken
     while other work runs could otherwise give two runs on one machine different numerics."""
+    on_cpu = torch.device(args.device).type == "cpu"
+    if args.dtype == "bfloat16" and on_cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError("--dtype bfloat16: this CPU's oneDNN has no bf16 matmul; use --dtype float32")
     if args.dtype != "auto":
         return args.dtype, "--dtype"
     if args.resume:
@@ -161,23 +164,31 @@ def compute_dtype(args, out):
             pass
         raise ValueError(f"{out}/args.json: no dtype recorded, so --dtype auto cannot keep the run's own; "
                          "pass --dtype float32 or bfloat16 (float32 for a run of an older train.py)")
-    if torch.device(args.device).type == "cuda":
-        return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), "auto: the GPU's bf16 support"
+    if not on_cpu:  # native bf16 only: emulated bf16 (before Ampere) is slower than fp32
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ("bfloat16" if native else "float32"), "auto: the GPU's native bf16 support"
     speedup, where = machine_bf16_speedup()
     return ("bfloat16" if speedup > 1.5 else "float32"), f"auto: bf16 matmul {speedup:.2f}x fp32 ({where})"
 
 
+PROBE_PAUSE = 1.0  # seconds between the bf16 probe's measurements
+
+
 def machine_bf16_speedup():
     """model.bf16_speedup, measured on this machine's first run and read back by every later one from
-    $XDG_CACHE_HOME/vspo (default ~/.cache/vspo), keyed by the CPU, torch's version and its threads.
-    -> (speedup, where it came from). Delete the file to measure again."""
+    $XDG_CACHE_HOME/vspo (default ~/.cache/vspo), keyed by the CPU, its bf16 instructions, torch's
+    version and its threads. The best of three measurements a second apart: other work on the machine
+    only lowers the ratio. -> (speedup, where it came from). Delete the file to measure again."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    key = f"{cpu} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    features = [name for name, has in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
+                                       ("amx", torch.cpu._is_amx_tile_supported())) if has]
+    key = f"{cpu} [{' '.join(features) or 'no native bf16'}] | torch {torch.__version__} | " \
+          f"{torch.get_num_threads()} threads"
     path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vspo",
                         "bf16_speedup.json")
     try:
@@ -188,12 +199,16 @@ def machine_bf16_speedup():
     except (OSError, ValueError, AttributeError):
         known = {}
     speedup = bf16_speedup()
+    for _ in range(2):
+        time.sleep(PROBE_PAUSE)
+        speedup = max(speedup, bf16_speedup())
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         known = known if isinstance(known, dict) else {}
-        with open(path + ".tmp", "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # two first runs at once each write their own
+        with open(tmp, "w") as f:
             json.dump({**known, key: speedup}, f, indent=1)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
         return speedup, f"measured now, kept in {path}"
     except OSError:  # a read-only home: measured for this run only
         return speedup, "measured now"

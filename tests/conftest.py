@@ -144,3 +144,4 @@ def fp32_unless_asked(monkeypatch, tmp_path_factory):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setattr(train, "bf16_speedup", lambda: 0.0)
+    monkeypatch.setattr(train, "PROBE_PAUSE", 0.0)

@@ -31,6 +31,7 @@ extra_stops = tuple(range(3, 400, int(os.environ["STOP_EVERY"]))) if "STOP_EVERY
 nan_seed, nan_rank = int(os.environ.get("NAN_LOSS_SEED", -1)), os.environ.get("NAN_RANK", "0")
 train.EVAL_BATCH = int(os.environ.get("EVAL_BATCH", train.EVAL_BATCH))
 train.bf16_speedup = lambda: float(os.environ.get("BF16_SPEEDUP", 0.0))  # --dtype auto: fp32 unless asked
+train.PROBE_PAUSE = 0.0
 last_seed = None
 
 

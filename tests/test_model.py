@@ -200,9 +200,11 @@ def test_bf16_copies_match_autocast_and_are_refreshed_after_a_step(tiny_checkpoi
     after = close_to_autocast()
     remade = {name for name, m in model.named_modules() if isinstance(m, Linear) and m.packed is not kept[name]}
     assert remade == {"layers.0.mlp.w_down", "layers.1.attn.wqkv"} and not torch.allclose(before, after)
-    with torch.no_grad(), model.prepacked():  # back to fp32: every copy is made again, in fp32
-        assert (model(x) - model(x)).abs().max().item() == 0 and all(
-            m.packed.dtype == torch.float32 for m in model.modules() if isinstance(m, Linear))
+    with torch.no_grad():  # back to fp32: every copy is made again, in fp32, and gives the plain logits
+        plain = model(x)
+        with model.prepacked():
+            assert (model(x) - plain).abs().max().item() <= 1e-5 and all(
+                m.packed.dtype == torch.float32 for m in model.modules() if isinstance(m, Linear))
 
 
 def test_model_with_packed_weights_can_be_deep_copied(tiny_checkpoints):

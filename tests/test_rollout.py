@@ -265,4 +265,4 @@ def test_smollm2_bf16_logprobs_stay_within_tolerance_of_fp32(smollm2):
             learner, _ = completion_logprobs(model, r, rows, 0.5)
     for bf16 in (r.logprobs[:, P:], learner):  # the sampler's bf16 copies, the update's autocast
         gap = (bf16 - fp32).abs()[mask]
-        assert 0 < gap.mean().item() <= 0.1 and gap.max().item() <= 1.0
+        assert 1e-3 < gap.mean().item() <= 0.1 and gap.max().item() <= 1.0  # fp32 itself: about 1e-5
