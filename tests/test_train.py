@@ -57,6 +57,21 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synthetic, monkey
     assert open(tmp / "whole" / "log.jsonl").read().count("\n") == open(tmp / "killed" / "log.jsonl").read().count("\n") == 6
 
 
+def killed_after(monkeypatch, step, fn):
+    """fn(), a run that dies right after it saves checkpoint-<step>, as a kill would."""
+    real_save = train.save_checkpoint
+
+    def save_then_die(out, k, *a):
+        real_save(out, k, *a)
+        if k == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fn()
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+
+
 def test_the_token_budget_comes_from_the_flag_the_behaviour_or_256():
     behavior = {"max_new_tokens": 384}
     assert train.token_budget(train.parse_args(["--behavior", "x"]), behavior) == 384
@@ -79,17 +94,8 @@ def test_distill_learns_from_the_teachers_rewarded_traces_and_resumes_exactly(sy
     assert 0 < log[0]["behavior_mean"] < 1  # some of the teacher's traces earn it, some do not
     assert after["behavior"] >= before["behavior"] + 0.3
     run(synthetic, "distill", tmp / "whole", "--checkpoint-every", "2", "--steps", "4", "--lr", "1e-2")
-    real_save = train.save_checkpoint
-
-    def killed_after_step_2(out, step, *a):
-        real_save(out, step, *a)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", killed_after_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(synthetic, "distill", tmp / "killed", "--checkpoint-every", "2", "--steps", "4", "--lr", "1e-2")
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    killed_after(monkeypatch, 2, lambda: run(synthetic, "distill", tmp / "killed", "--checkpoint-every", "2",
+                                             "--steps", "4", "--lr", "1e-2"))
     run(synthetic, "distill", tmp / "killed", "--checkpoint-every", "2", "--steps", "4", "--lr", "1e-2", "--resume")
     a, b = load_file(tmp / "whole" / "final" / "model.safetensors"), load_file(tmp / "killed" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -630,17 +636,7 @@ def test_the_adaptive_schedule_resumes_exactly(synthetic, monkeypatch):
     _, _, tmp = synthetic
     flags = ("--schedule", "adaptive", "--checkpoint-every", "2", "--steps", "5")
     train.main(argv_of(synthetic, "vspo", tmp / "whole", *flags))
-    real_save = train.save_checkpoint
-
-    def killed_after_step_2(out, step, *a):
-        real_save(out, step, *a)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", killed_after_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(argv_of(synthetic, "vspo", tmp / "killed", *flags))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    killed_after(monkeypatch, 2, lambda: train.main(argv_of(synthetic, "vspo", tmp / "killed", *flags)))
     train.main(argv_of(synthetic, "vspo", tmp / "killed", *flags, "--resume"))
     levels = lambda name: [json.loads(line)["intensities"] for line in open(tmp / name / "log.jsonl")]
     assert levels("whole") == levels("killed") and len(set(map(tuple, levels("whole")))) > 1
