@@ -9,7 +9,7 @@ One step:
   1. take P prompts; choose one steering intensity per rollout (vspo.intensity_schedule);
   2. sample G rollouts per prompt, each row steered by its own intensity (rollout.generate);
   3. score each rollout: accuracy + lambda * behaviour (rewards.composite);
-  4. normalise rewards within each group of G (vspo.group_advantages);
+  4. normalise rewards within each group of G (vspo.composite_advantages);
   5. recompute the rollouts' log-probs under the *unsteered* policy and take the clipped policy
      loss (vspo.policy_loss); one optimizer step.
 --algo grpo uses intensity 0 for every rollout; --algo guided samples with the behaviour's
