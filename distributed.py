@@ -207,12 +207,6 @@ def on_master(fn, d, errors=(ValueError, OSError), raise_as=ValueError):
     return result
 
 
-def agree(error, d):
-    """Rank 0's error message (or None), the same on every rank: for work that every rank does but only
-    rank 0 can see fail (its writes)."""
-    return broadcast(error) if is_distributed() else error
-
-
 def barrier():
     if is_distributed():
         torch.distributed.barrier()

@@ -341,23 +341,27 @@ def check_writable(out):
     return made
 
 
+def written(what, write):
+    """write(), with a failed write (a full disk) as StopRun naming `what`."""
+    try:
+        write()
+    except OSError as e:
+        raise StopRun(f"writing {what} failed ({e.strerror or e})") from None
+
+
 def append_log(log_path, row, d):
     """Rank 0 appends the step's row and syncs it to disk before anything else is written (the next
     checkpoint): a checkpoint never covers a step whose row could still be lost. A failed write is the
     same error on every rank. Numbers that are not finite are written as null (JSON has no NaN)."""
-    error = None
-    if d.master:
-        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-        try:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            error = f"writing {log_path} failed ({e.strerror or e})"
-    error = distributed.agree(error, d)
-    if error:
-        raise StopRun(error)
+    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+    def write():
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    distributed.on_master(lambda: written(log_path, write), d, errors=(StopRun,), raise_as=StopRun)
 
 
 def start_run_folder(out, args, before):
@@ -423,15 +427,9 @@ def save_checkpoint(out, step, model, optimizer, d, state=None):
     that fails (a full disk) is the same one-line error on every rank, and keeps the older one."""
     # under FSDP, all ranks gather
     model_state, optimizer_state = distributed.state_dicts(model, optimizer, d)
-    error = None
-    if d.master:
-        try:
-            write_checkpoint(out, step, model, model_state, optimizer_state, state or {})
-        except OSError as e:
-            error = f"writing checkpoint-{step} failed ({e.strerror or e})"
-    error = distributed.agree(error, d)
-    if error:
-        raise StopRun(error)
+    write = lambda: write_checkpoint(out, step, model, model_state, optimizer_state, state or {})
+    distributed.on_master(lambda: written(f"checkpoint-{step}", write), d, errors=(StopRun,),
+                          raise_as=StopRun)
 
 
 def write_checkpoint(out, step, model, model_state, optimizer_state, state):
@@ -741,16 +739,16 @@ def main(argv=None):
             # the reward's parts: accuracy, the behaviour (only in correct answers with --behavior-gate
             # correct), DAPO's length penalty with --overlong soft; reward = their weighted sum
             shown = beh * acc if args.behavior_gate == "correct" else beh
-            components, weights = [acc, shown], [1.0, args.lam]
+            components, lams = [acc, shown], [1.0, args.lam]
             if args.overlong == "soft":
                 components.append(vspo.overlong_penalty(r.completion_lens.cpu(), args.max_new_tokens,
                                                         args.overlong_window))
-                weights.append(1.0)
+                lams.append(1.0)
             components = torch.stack(components)  # (K, N)
-            reward = (components * torch.tensor(weights)[:, None]).sum(0)
+            reward = (components * torch.tensor(lams)[:, None]).sum(0)
             # 4. group-relative advantages over all G rollouts of a prompt, whatever their intensity
             advantages, magnitudes, zero_spread = vspo.composite_advantages(
-                components, weights, G, args.reward_normalization, scale=args.advantage)
+                components, lams, G, args.reward_normalization, scale=args.advantage)
             _, behavior_zero_spread = vspo.group_advantages(beh, G)  # groups with no behaviour signal
             advantages = advantages.to(args.device)
             keep = (beh >= 0.5).to(args.device)  # distill: the traces that earn the behaviour
@@ -862,7 +860,7 @@ def main(argv=None):
                    "zero_spread_frac": sum(p[6] for p in parts) / P,
                    "behavior_zero_spread_frac": sum(p[10] for p in parts) / P,
                    "length_mean": lengths.mean().item(), "length_max": lengths.max().item(),
-                   "truncated_frac": finish_reasons.count("length") / len(finish_reasons),
+                   "truncated_frac": cut.mean().item(),
                    **stats, **mismatch, "grad_norm": grad_norm.item(), "skipped": skipped,
                    "skipped_in_a_row": skipped_in_a_row,
                    "dtype": args.dtype,

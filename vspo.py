@@ -121,8 +121,8 @@ def composite_advantages(components, weights, group_size, normalization="sum", s
     r = components.float().view(len(components), -1, group_size)  # (K, groups, G)
     w = torch.as_tensor(weights, dtype=torch.float32).view(-1, 1, 1)
     if normalization == "sum":
-        total, zero_spread = group_advantages((r * w).sum(0).flatten(), group_size, scale, eps)
-        both = (r * w).sum(0)
+        both = (r * w).sum(0)  # (groups, G): the composite reward
+        total, zero_spread = group_advantages(both.flatten(), group_size, scale, eps)
         spread = both.std(-1, keepdim=True) + eps if scale == "std" else torch.ones_like(both[..., :1])
         parts = (r - r.mean(-1, keepdim=True)) * w / spread  # (K, groups, G)
         parts = torch.where((both.max(-1).values == both.min(-1).values)[None, :, None], 0.0, parts)
